@@ -1,0 +1,120 @@
+"""The functional view of an adapted model that the bilevel step works on.
+
+``Bilevel`` names the two levels' parameters, the weights w (every ``lora_A``, ``lora_B`` and
+``modules_to_save`` parameter) and the selectors beta, and evaluates the loss at any fast weights
+through :func:`torch.func.functional_call`. The model itself is never patched and nothing writes
+to ``.data``: fast weights are a mapping passed in for the length of one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from autolora.errors import DataError
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: object) -> torch.Tensor:
+    """``model(**batch).loss``: the loss a Hugging Face model computes from its labels."""
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise DataError(
+            "the model returned no loss for a batch. Hugging Face models compute one only when the "
+            "batch holds labels: add a 'labels' key to each batch, or pass "
+            "loss_fn=lambda model, batch: ... returning a scalar."
+        )
+    return loss
+
+
+class _LossModule(nn.Module):
+    """model + loss_fn as one module, so ``functional_call`` can swap weights for a loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: object) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@dataclass
+class Bilevel:
+    """The two levels of an adapted model.
+
+    Attributes:
+        module: ``model`` and ``loss_fn`` as one module.
+        weight_names: Dotted parameter names (in ``model``) of the weights w.
+        weights: The weight parameters, aligned with ``weight_names``.
+        selector_names: Dotted names of the adapted modules, one per selector.
+        selectors: The selector parameters, aligned with ``selector_names``.
+    """
+
+    module: _LossModule
+    weight_names: tuple[str, ...]
+    weights: tuple[nn.Parameter, ...]
+    selector_names: tuple[str, ...]
+    selectors: tuple[nn.Parameter, ...]
+
+    def __post_init__(self) -> None:
+        self._keys = tuple("model." + n for n in self.weight_names)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.model
+
+    def loss(self, batch: object, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The loss on ``batch`` at the model's weights, or at fast ``weights`` (same order)."""
+        if weights is None:
+            return self.module(batch)
+        return functional_call(self.module, dict(zip(self._keys, weights)), (batch,), strict=False)
+
+
+def grads_or_zeros(
+    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], *, create_graph: bool = False, retain_graph: bool | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad`` with zeros (not None) for inputs the output does not depend on."""
+    grads = torch.autograd.grad(
+        outputs, list(inputs), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """Run scaled-dot-product attention on the math path, which has a double backward.
+
+    The fused kernels (flash / memory-efficient / cuDNN, and the CPU flash kernel) have no
+    derivative of their backward, so exact second-order engines must run inside this context.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class RngSnapshot:
+    """The RNG state at one moment, to replay it (e.g. the same dropout masks) later.
+
+    ``replay()`` runs its block with the saved state and restores the outer state afterwards,
+    so replaying consumes no randomness from the caller's point of view.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self._cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self._cpu = torch.get_rng_state()
+        self._gpu = [torch.cuda.get_rng_state(i) for i in self._cuda]
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self._cuda):
+            torch.set_rng_state(self._cpu)
+            for i, state in zip(self._cuda, self._gpu):
+                torch.cuda.set_rng_state(state, i)
+            yield

@@ -1,0 +1,200 @@
+"""Frozen, validated configuration: one dataclass per concern.
+
+The Python API (:class:`~autolora.AutoLoRATrainer`) and the YAML configs of the CLI map onto the
+same dataclasses, so a value is validated the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
+
+from autolora.errors import ConfigError
+
+GateKind = Literal["softmax", "sigmoid"]
+EngineName = Literal["first_order", "darts", "unrolled", "higher"]
+
+GATE_KINDS: tuple[str, ...] = get_args(GateKind)
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+
+
+def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive(field: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ConfigError(f"{field}={value!r} is invalid; it must be {bound}.")
+
+
+def _check_int(field: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{field}={value!r} is invalid; it must be an integer >= {minimum}.")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What is adapted and how each gated adapter is shaped.
+
+    Attributes:
+        max_rank: Rank-1 components per adapted layer before pruning (the paper's r).
+        lora_alpha: LoRA's alpha. See ``scale`` for how it enters the gated update.
+        target_modules: Which layers to adapt: a list of names (exact, or dotted suffix, as in
+            PEFT), a regex string (full match), ``"all-linear"``, or ``None`` for PEFT's default
+            for the model's architecture (Hugging Face models only).
+        modules_to_save: Modules (e.g. the classifier head) trained fully and exported with the
+            adapter, matched like ``target_modules`` lists.
+        gate: ``"softmax"`` over a layer's components (the paper), or independent ``"sigmoid"``
+            gates.
+        lora_dropout: Dropout on the adapter's input, as in PEFT.
+        scale: The factor s in ``base(x) + s * B diag(g) A x``. ``None`` picks s so that at init
+            the update is as large as a standard LoRA of rank ``max_rank`` with the same alpha:
+            s * g_init = alpha / max_rank. For softmax gates (g_init = 1/r) that is s = alpha;
+            the paper's code used alpha / r on top of the softmax, which shrinks the initial
+            update by another factor r (severe at r = 64). For sigmoid gates (g_init = 1/2) it
+            is s = 2 * alpha / r.
+    """
+
+    max_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    gate: GateKind = "softmax"
+    lora_dropout: float = 0.0
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_rank", self.max_rank, minimum=1)
+        _check_positive("lora_alpha", self.lora_alpha)
+        _check_choice("gate", self.gate, GATE_KINDS)
+        _check_positive("lora_dropout", self.lora_dropout, allow_zero=True)
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; it must be in [0, 1).")
+        if self.scale is not None:
+            _check_positive("scale", self.scale)
+        for field in ("target_modules", "modules_to_save"):
+            value = getattr(self, field)
+            if isinstance(value, list):  # accept lists, store tuples (hashable, immutable)
+                object.__setattr__(self, field, tuple(value))
+                value = getattr(self, field)
+            if field == "modules_to_save" and isinstance(value, str):
+                object.__setattr__(self, field, (value,))
+                value = getattr(self, field)
+            if isinstance(value, tuple) and (not value or not all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"{field}={value!r} is invalid; give a non-empty list of module names.")
+            if value is not None and not isinstance(value, (str, tuple)):
+                raise ConfigError(f"{field}={value!r} is invalid; give a list of module names or a string.")
+
+    @property
+    def effective_scale(self) -> float:
+        """The scale s actually used (see ``scale``)."""
+        if self.scale is not None:
+            return float(self.scale)
+        if self.gate == "softmax":
+            return float(self.lora_alpha)
+        return 2.0 * self.lora_alpha / self.max_rank
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The bilevel search: optimisers, hypergradient engine and regulariser.
+
+    Attributes:
+        hypergrad: Selector hypergradient engine: ``"first_order"``, ``"darts"`` (finite
+            difference, as the paper's code), ``"unrolled"`` (exact, ``torch.func``) or
+            ``"higher"`` (exact, through the ``higher`` library).
+        lr: AdamW learning rate of the weights (``lora_A``, ``lora_B``, ``modules_to_save``).
+        weight_decay: AdamW weight decay of the weights.
+        selector_lr: Learning rate of the selector optimiser (Adam, as the paper).
+        selector_betas: Adam betas of the selector optimiser; the paper's (0.5, 0.999).
+        inner_lr: xi, the step of the virtual SGD step ``w - xi * grad L_train`` that the
+            hypergradient differentiates through. ``None`` means ``lr`` (the DARTS convention).
+        sparsity: Weight of the sparsity regulariser in the selector update (entropy of each
+            layer's softmax gates, or L1 of sigmoid gates). Never part of ``hypergradient()``.
+        selector_every: Take a selector step every k weight steps (k = 1 is the paper).
+        fd_epsilon: DARTS finite-difference radius: eps = fd_epsilon / ||v||.
+        val_fraction: With ``val_data=None``, this fraction of the train batches (rounded
+            down, at least 1) becomes validation data, once, with ``seed``.
+        seed: Seeds adapter init, the train/validation split and dropout.
+    """
+
+    hypergrad: EngineName = "darts"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    selector_lr: float = 5e-3
+    selector_betas: tuple[float, float] = (0.5, 0.999)
+    inner_lr: float | None = None
+    sparsity: float = 0.0
+    selector_every: int = 1
+    fd_epsilon: float = 0.01
+    val_fraction: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("hypergrad", self.hypergrad, ENGINE_NAMES)
+        _check_positive("lr", self.lr)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("selector_lr", self.selector_lr)
+        if isinstance(self.selector_betas, list):
+            object.__setattr__(self, "selector_betas", tuple(self.selector_betas))
+        betas = self.selector_betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)
+                and all(0 <= b < 1 for b in betas)):
+            raise ConfigError(f"selector_betas={betas!r} is invalid; give two numbers in [0, 1).")
+        if self.inner_lr is not None:
+            _check_positive("inner_lr", self.inner_lr, allow_zero=True)
+        _check_positive("sparsity", self.sparsity, allow_zero=True)
+        _check_int("selector_every", self.selector_every, minimum=1)
+        _check_positive("fd_epsilon", self.fd_epsilon)
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid; it must be in (0, 1).")
+        _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def xi(self) -> float:
+        """The virtual step size actually used."""
+        return float(self.lr if self.inner_lr is None else self.inner_lr)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where and how often the search is logged.
+
+    Attributes:
+        log_dir: TensorBoard log folder; ``None`` logs nowhere.
+        log_every: Log every N steps (and always at the first and the last step).
+        progress: Show a progress bar when attached to a terminal.
+    """
+
+    log_dir: str | None = None
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("log_every", self.log_every, minimum=1)
+        if self.log_dir is not None:
+            object.__setattr__(self, "log_dir", str(self.log_dir))
+
+
+def split_kwargs(kwargs: dict[str, object]) -> tuple[dict, dict, dict]:
+    """Route flat keyword arguments to (adapter, search, logging) config fields.
+
+    Raises:
+        ConfigError: for a keyword no config knows, naming it and the valid ones.
+    """
+    groups: tuple[dict, dict, dict] = ({}, {}, {})
+    owners = [{f.name for f in fields(c)} for c in (AdapterConfig, SearchConfig, LoggingConfig)]
+    for key, value in kwargs.items():
+        for owner, group in zip(owners, groups):
+            if key in owner:
+                group[key] = value
+                break
+        else:
+            known = sorted(set().union(*owners))
+            raise ConfigError(f"unknown argument {key!r}; valid arguments are: {', '.join(known)}.")
+    return groups

@@ -1,0 +1,170 @@
+"""Selector hypergradient engines, one signature, chosen by name.
+
+Every engine targets the one-step unrolled hypergradient
+
+    h = d/dbeta L_val(w - xi * grad_w L_train(w, beta), beta)
+
+at the current weights w, with xi the step of a plain SGD virtual step (no weight decay,
+clipping or regulariser). They differ in how exactly they compute it:
+
+- ``first_order``: grad_beta L_val(w, beta), the xi -> 0 limit (1 extra pass).
+- ``darts``: finite differences (DARTS), w' = w - xi g, v = grad_w L_val(w'), eps = c / ||v||:
+  h = grad_beta L_val(w') - xi * [grad_beta L_tr(w + eps v) - grad_beta L_tr(w - eps v)] / (2 eps)
+  (3 extra passes). The paper's code omits the factor xi; it is included here.
+- ``unrolled``: exact, by double backward through the step's own train gradient (built with
+  ``create_graph=True``) and ``torch.func.functional_call`` over fast weights.
+- ``higher``: exact, through the ``higher`` library's differentiable SGD; an independent
+  cross-check of ``unrolled`` that users know.
+
+Each engine gets the train gradient g = grad_w L_train(w, beta) the weight step already computed,
+and returns the selector gradients plus the validation loss it saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from autolora.bilevel import Bilevel, RngSnapshot, grads_or_zeros, math_attention
+from autolora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Hypergrad:
+    """An engine's result: one gradient per selector, and the validation loss it evaluated."""
+
+    selector_grads: tuple[torch.Tensor, ...]
+    val_loss: torch.Tensor
+
+
+EngineFn = Callable[..., Hypergrad]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A hypergradient engine.
+
+    Attributes:
+        fn: ``fn(problem, train_batch, val_batch, train_grads, *, xi, fd_epsilon, train_rng)``.
+        second_order: Differentiates through a gradient (double backward), so it runs with
+            math attention.
+        graph_train_grads: Needs the step's train gradient built with ``create_graph=True``.
+    """
+
+    fn: EngineFn
+    second_order: bool
+    graph_train_grads: bool
+
+
+def _first_order(problem: Bilevel, train_batch, val_batch, train_grads, **_) -> Hypergrad:
+    val_loss = problem.loss(val_batch)
+    return Hypergrad(grads_or_zeros(val_loss, problem.selectors), val_loss.detach())
+
+
+def _darts(
+    problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, fd_epsilon: float, train_rng: RngSnapshot
+) -> Hypergrad:
+    n = len(problem.weights)
+    with torch.no_grad():
+        w = [p.detach() for p in problem.weights]
+        w_virtual = [(p - xi * g).requires_grad_() for p, g in zip(w, train_grads)]
+    val_loss = problem.loss(val_batch, w_virtual)
+    grads = grads_or_zeros(val_loss, [*w_virtual, *problem.selectors])
+    v, direct = grads[:n], grads[n:]
+    norm = torch.sqrt(sum((x.double() ** 2).sum() for x in v))
+    if xi == 0 or not torch.isfinite(norm) or norm == 0:
+        return Hypergrad(direct, val_loss.detach())
+    eps = float(fd_epsilon / norm)
+
+    def train_selector_grads(sign: float) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            w_shift = [p + sign * eps * d for p, d in zip(w, v)]
+        with train_rng.replay():  # the same dropout masks as the train step's gradient
+            return grads_or_zeros(problem.loss(train_batch, w_shift), problem.selectors)
+
+    plus, minus = train_selector_grads(+1.0), train_selector_grads(-1.0)
+    scale = xi / (2 * eps)
+    hyper = tuple(d - scale * (p - m) for d, p, m in zip(direct, plus, minus))
+    return Hypergrad(hyper, val_loss.detach())
+
+
+def _unrolled(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, **_) -> Hypergrad:
+    # train_grads carry their graph (create_graph=True), so d/dbeta flows through w' as well.
+    w_virtual = [p - xi * g for p, g in zip(problem.weights, train_grads)]
+    val_loss = problem.loss(val_batch, w_virtual)
+    return Hypergrad(grads_or_zeros(val_loss, problem.selectors), val_loss.detach())
+
+
+def _higher(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, train_rng: RngSnapshot, **_) -> Hypergrad:
+    try:
+        import higher
+    except ImportError as e:
+        raise ConfigError(
+            f"hypergrad='higher' needs the 'higher' package, which failed to import ({e}); "
+            "pip install higher, or use hypergrad='unrolled' (the same quantity via torch.func)."
+        ) from None
+    sgd = torch.optim.SGD(problem.weights, lr=xi)
+    # copy_initial_weights=False: the fast model starts from the real parameters, so the
+    # selectors stay connected (the default would detach them and their gradient is None).
+    with higher.innerloop_ctx(problem.module, sgd, copy_initial_weights=False, track_higher_grads=True) as (fmod, dopt):
+        with train_rng.replay():  # the same dropout masks as the weight step's train pass
+            train_loss = fmod(train_batch)
+        dopt.step(train_loss)
+        val_loss = fmod(val_batch)
+        grads = grads_or_zeros(val_loss, problem.selectors)
+    return Hypergrad(grads, val_loss.detach())
+
+
+ENGINES: dict[str, Engine] = {
+    "first_order": Engine(_first_order, second_order=False, graph_train_grads=False),
+    "darts": Engine(_darts, second_order=False, graph_train_grads=False),
+    "unrolled": Engine(_unrolled, second_order=True, graph_train_grads=True),
+    # higher takes its own differentiable step, so the step's gradient needs no graph
+    "higher": Engine(_higher, second_order=True, graph_train_grads=False),
+}
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called ``name``.
+
+    Raises:
+        ConfigError: for an unknown name, listing the known ones.
+    """
+    if name not in ENGINES:
+        raise ConfigError(f"hypergrad={name!r} is not an engine; choose one of {', '.join(map(repr, ENGINES))}.")
+    return ENGINES[name]
+
+
+@dataclass(frozen=True)
+class MetaGrads:
+    """Everything one bilevel step needs, computed at the current weights w_t."""
+
+    train_loss: torch.Tensor
+    weight_grads: tuple[torch.Tensor, ...]
+    hyper: Hypergrad | None
+
+
+def meta_gradients(
+    problem: Bilevel, engine: Engine | None, train_batch, val_batch, *, xi: float, fd_epsilon: float
+) -> MetaGrads:
+    """Train loss and weight gradient at w_t, then (with an engine) the hypergradient reusing it.
+
+    Second-order engines run the whole region (the train gradient with ``create_graph`` and the
+    double backward) with math attention; everything else keeps the fast kernels. With
+    ``engine=None`` only the weight gradient is computed (a step without a selector update).
+    """
+    second_order = engine is not None and engine.second_order
+    graph = engine is not None and engine.graph_train_grads
+    train_rng = RngSnapshot(list({p.device for p in problem.weights}))
+    with math_attention() if second_order else contextlib.nullcontext():
+        train_loss = problem.loss(train_batch)
+        weight_grads = grads_or_zeros(train_loss, problem.weights, create_graph=graph, retain_graph=graph)
+        hyper = None
+        if engine is not None:
+            hyper = engine.fn(
+                problem, train_batch, val_batch, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
+            )
+    return MetaGrads(train_loss.detach(), tuple(g.detach() for g in weight_grads), hyper)

@@ -110,10 +110,21 @@ def _higher(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float,
     # copy_initial_weights=False: the fast model starts from the real parameters, so the
     # selectors stay connected (the default would detach them and their gradient is None).
     with higher.innerloop_ctx(problem.module, sgd, copy_initial_weights=False, track_higher_grads=True) as (fmod, dopt):
-        with train_rng.replay():  # the same dropout masks as the weight step's train pass
-            train_loss = fmod(train_batch)
-        dopt.step(train_loss)
-        val_loss = fmod(val_batch)
+        try:
+            with train_rng.replay():  # the same dropout masks as the weight step's train pass
+                train_loss = fmod(train_batch)
+            dopt.step(train_loss)
+            val_loss = fmod(val_batch)
+        except TypeError as e:
+            if "MonkeyPatched" not in str(e):
+                raise
+            # higher rebuilds every module as a new class whose constructor differs, so code
+            # that re-creates a module (e.g. slicing a ModuleList, as Llama does) breaks.
+            raise ConfigError(
+                f"the 'higher' library cannot run this model ({type(problem.model).__name__}): it re-creates "
+                "a submodule, which higher's patched classes do not support. Use hypergrad='unrolled', "
+                "which computes the same exact hypergradient through torch.func."
+            ) from None
         grads = grads_or_zeros(val_loss, problem.selectors)
     return Hypergrad(grads, val_loss.detach())
 

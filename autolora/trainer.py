@@ -154,8 +154,11 @@ class AutoLoRATrainer:
             tuple(self.adapters), tuple(a.selector for a in self.adapters.values()),
         )
         s = self.search_config
-        self.weight_optimizer = torch.optim.AdamW(self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
-        self.selector_optimizer = torch.optim.Adam(self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
+        # after pruning every module to rank 0 nothing may be left to optimise
+        self.weight_optimizer = (torch.optim.AdamW(self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
+                                 if self.problem.weights else None)
+        self.selector_optimizer = (torch.optim.Adam(self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
+                                   if self.problem.selectors else None)
 
     @property
     def device(self) -> torch.device:

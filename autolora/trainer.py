@@ -265,7 +265,9 @@ class AutoLoRATrainer:
         bar = self._progress(total)
         steps, epochs_done, last = 0, 0, None
         try:
+            n_batches = len(train_data) if hasattr(train_data, "__len__") else None
             while epochs_done < epochs and (max_steps is None or steps < max_steps):
+                finished = True
                 for i, batch in enumerate(train_data):
                     if i < self.state.batch_in_epoch:
                         continue  # continue mid-epoch where the last call stopped
@@ -279,9 +281,11 @@ class AutoLoRATrainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(train=f"{metrics['loss/train']:.4f}", mean_rank=f"{metrics['rank/mean']:.1f}")
-                    if max_steps is not None and steps >= max_steps:
+                    # out of steps: stop, unless this was the epoch's last batch (then the epoch ends)
+                    if max_steps is not None and steps >= max_steps and i + 1 != n_batches:
+                        finished = False
                         break
-                else:
+                if finished:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
                     epochs_done += 1

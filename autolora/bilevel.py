@@ -79,7 +79,11 @@ class Bilevel:
 
 
 def grads_or_zeros(
-    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], *, create_graph: bool = False, retain_graph: bool | None = None
+    outputs: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``torch.autograd.grad`` with zeros (not None) for inputs the output does not depend on."""
     grads = torch.autograd.grad(

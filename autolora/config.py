@@ -143,8 +143,12 @@ class SearchConfig:
         if isinstance(self.selector_betas, list):
             object.__setattr__(self, "selector_betas", tuple(self.selector_betas))
         betas = self.selector_betas
-        if not (isinstance(betas, tuple) and len(betas) == 2 and all(isinstance(b, (int, float)) for b in betas)
-                and all(0 <= b < 1 for b in betas)):
+        if not (
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) for b in betas)
+            and all(0 <= b < 1 for b in betas)
+        ):
             raise ConfigError(f"selector_betas={betas!r} is invalid; give two numbers in [0, 1).")
         if self.inner_lr is not None:
             _check_positive("inner_lr", self.inner_lr, allow_zero=True)

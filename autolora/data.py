@@ -13,7 +13,9 @@ from autolora.errors import DataError
 def check_reiterable(data: object, what: str) -> None:
     """Raise unless ``data`` can be iterated more than once (a DataLoader, a list of batches)."""
     if data is None or not isinstance(data, Iterable):
-        raise DataError(f"{what} must be a re-iterable collection of batches (a DataLoader or a list), got {type(data).__name__}.")
+        raise DataError(
+            f"{what} must be a re-iterable collection of batches (a DataLoader or a list), got {type(data).__name__}."
+        )
     if iter(data) is data:
         raise DataError(
             f"{what} is a one-shot iterator ({type(data).__name__}), but fit() iterates it once per epoch; "

@@ -98,7 +98,9 @@ def _unrolled(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: floa
     return Hypergrad(grads_or_zeros(val_loss, problem.selectors), val_loss.detach())
 
 
-def _higher(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, train_rng: RngSnapshot, **_) -> Hypergrad:
+def _higher(
+    problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, train_rng: RngSnapshot, **_
+) -> Hypergrad:
     try:
         import higher
     except ImportError as e:

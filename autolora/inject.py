@@ -111,7 +111,8 @@ def resolve_targets(
     if isinstance(target_modules, str) and target_modules == "all-linear":
         skip = _output_layer_names(model)
         names = [
-            n for n, m in model.named_modules()
+            n
+            for n, m in model.named_modules()
             if n and isinstance(m, ADAPTABLE_TYPES) and n not in skip and not _inside(n, modules_to_save)
         ]
     else:

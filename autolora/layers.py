@@ -115,4 +115,6 @@ class GatedLoRALinear(nn.Module):
         self.scale, self.gate = 1.0, "fixed"
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, gate={self.gate}, scale={self.scale:g}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, gate={self.gate}, scale={self.scale:g}"
+        )

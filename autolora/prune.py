@@ -57,12 +57,13 @@ def _order(values: torch.Tensor) -> list[int]:
 def _check_bounds(gates: Mapping[str, torch.Tensor], min_rank: int, max_rank_per_module: int | None) -> None:
     if not isinstance(min_rank, int) or min_rank < 0:
         raise ConfigError(f"min_rank={min_rank!r} is invalid; it must be an integer >= 0.")
-    if max_rank_per_module is not None:
-        if not isinstance(max_rank_per_module, int) or max_rank_per_module < max(min_rank, 1):
-            raise ConfigError(
-                f"max_rank_per_module={max_rank_per_module!r} is invalid; it must be an integer >= "
-                f"max(min_rank, 1) = {max(min_rank, 1)}."
-            )
+    if max_rank_per_module is not None and (
+        not isinstance(max_rank_per_module, int) or max_rank_per_module < max(min_rank, 1)
+    ):
+        raise ConfigError(
+            f"max_rank_per_module={max_rank_per_module!r} is invalid; it must be an integer >= "
+            f"max(min_rank, 1) = {max(min_rank, 1)}."
+        )
 
 
 def threshold_keep(
@@ -115,11 +116,7 @@ def budget_keep(
     orders = {n: _order(g) for n, g in gates.items()}
     keep = {n: orders[n][: min(min_rank, caps[n])] for n in names}
     left = budget - floor
-    rest = [
-        (-float(gates[n][j]), m, j, n)
-        for m, n in enumerate(names)
-        for j in orders[n][len(keep[n]) :]
-    ]
+    rest = [(-float(gates[n][j]), m, j, n) for m, n in enumerate(names) for j in orders[n][len(keep[n]) :]]
     for _, _, j, n in sorted(rest):
         if left == 0:
             break

@@ -90,10 +90,22 @@ class AutoLoRATrainer:
         get_engine(hypergrad)  # a clear error for an unknown engine, before anything else
         self._setup(
             model,
-            AdapterConfig(max_rank=max_rank, lora_alpha=lora_alpha, target_modules=target_modules,
-                          modules_to_save=modules_to_save, **adapter_kw),
-            SearchConfig(hypergrad=hypergrad, lr=lr, selector_lr=selector_lr, inner_lr=inner_lr,
-                         sparsity=sparsity, seed=seed, **search_kw),
+            AdapterConfig(
+                max_rank=max_rank,
+                lora_alpha=lora_alpha,
+                target_modules=target_modules,
+                modules_to_save=modules_to_save,
+                **adapter_kw,
+            ),
+            SearchConfig(
+                hypergrad=hypergrad,
+                lr=lr,
+                selector_lr=selector_lr,
+                inner_lr=inner_lr,
+                sparsity=sparsity,
+                seed=seed,
+                **search_kw,
+            ),
             LoggingConfig(log_dir=log_dir, **logging_kw),
             loss_fn,
         )
@@ -127,8 +139,9 @@ class AutoLoRATrainer:
         gen = torch.Generator().manual_seed(search.seed)
 
         def make(layer: nn.Module) -> GatedLoRALinear:
-            return GatedLoRALinear(layer, adapter.max_rank, adapter.effective_scale, adapter.gate,
-                                   adapter.lora_dropout, generator=gen)
+            return GatedLoRALinear(
+                layer, adapter.max_rank, adapter.effective_scale, adapter.gate, adapter.lora_dropout, generator=gen
+            )
 
         self.adapters: dict[str, GatedLoRALinear] = inject_adapters(model, names, make)
         self.removed: list[str] = []  # modules pruned to rank 0
@@ -150,15 +163,23 @@ class AutoLoRATrainer:
         weights = self._weight_params()
         self.problem = Bilevel(
             _LossModule(self.model, self.loss_fn),
-            tuple(weights), tuple(weights.values()),
-            tuple(self.adapters), tuple(a.selector for a in self.adapters.values()),
+            tuple(weights),
+            tuple(weights.values()),
+            tuple(self.adapters),
+            tuple(a.selector for a in self.adapters.values()),
         )
         s = self.search_config
         # after pruning every module to rank 0 nothing may be left to optimise
-        self.weight_optimizer = (torch.optim.AdamW(self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
-                                 if self.problem.weights else None)
-        self.selector_optimizer = (torch.optim.Adam(self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
-                                   if self.problem.selectors else None)
+        self.weight_optimizer = (
+            torch.optim.AdamW(self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
+            if self.problem.weights
+            else None
+        )
+        self.selector_optimizer = (
+            torch.optim.Adam(self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
+            if self.problem.selectors
+            else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +205,10 @@ class AutoLoRATrainer:
         """Adapter parameters under ``ranks`` (default: ``ranks()``), and those of a uniform LoRA
         with the same number of components spread evenly (rounded to the nearest rank)."""
         ranks = self.ranks() if ranks is None else ranks
-        shapes = {n: layer_dims(self.model.get_submodule(n).base_layer if n in self.adapters
-                                else self.model.get_submodule(n)) for n in ranks}
+        shapes = {
+            n: layer_dims(self.model.get_submodule(n).base_layer if n in self.adapters else self.model.get_submodule(n))
+            for n in ranks
+        }
         uniform_r = round(sum(ranks.values()) / max(len(ranks), 1))
         return {
             "adapter": adapter_parameters(shapes, ranks),
@@ -193,8 +216,10 @@ class AutoLoRATrainer:
             "uniform": adapter_parameters(shapes, {n: uniform_r for n in ranks}),
         }
 
-    def hypergradient(self, train_batch: object, val_batch: object) -> dict[str, torch.Tensor]:
-        """The selector hypergradient of the configured engine at the current weights.
+    def hypergradient(
+        self, train_batch: object, val_batch: object, engine: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The selector hypergradient of the configured engine (or ``engine``) at the current weights.
 
         No sparsity term. The model's train/eval mode is used as it is. No parameter, ``.grad``,
         optimiser state, counter or global RNG state changes.
@@ -205,14 +230,27 @@ class AutoLoRATrainer:
         self._check_searchable("hypergradient()")
         devices = [d.index for d in {self.device} if d.type == "cuda"]
         with torch.random.fork_rng(devices=devices):
-            meta = self._meta(to_device(train_batch, self.device), to_device(val_batch, self.device), True)
+            meta = meta_gradients(
+                self.problem,
+                self.engine if engine is None else get_engine(engine),
+                to_device(train_batch, self.device),
+                to_device(val_batch, self.device),
+                xi=self.search_config.xi,
+                fd_epsilon=self.search_config.fd_epsilon,
+            )
         return {n: g.detach().clone() for n, g in zip(self.problem.selector_names, meta.hyper.selector_grads)}
 
     # ----------------------------------------------------------------------------- search
     def _meta(self, train_batch, val_batch, with_selectors: bool) -> MetaGrads:
         s = self.search_config
-        return meta_gradients(self.problem, self.engine if with_selectors else None, train_batch, val_batch,
-                              xi=s.xi, fd_epsilon=s.fd_epsilon)
+        return meta_gradients(
+            self.problem,
+            self.engine if with_selectors else None,
+            train_batch,
+            val_batch,
+            xi=s.xi,
+            fd_epsilon=s.fd_epsilon,
+        )
 
     def _check_searchable(self, call: str) -> None:
         if self.plan is not None:
@@ -221,8 +259,9 @@ class AutoLoRATrainer:
                 "with a fresh PEFT LoRA (autolora exports the plan), or build a new trainer to search again."
             )
 
-    def fit(self, train_data: Iterable, val_data: Iterable | None = None, epochs: int = 1,
-            max_steps: int | None = None) -> AutoLoRATrainer:
+    def fit(
+        self, train_data: Iterable, val_data: Iterable | None = None, epochs: int = 1, max_steps: int | None = None
+    ) -> AutoLoRATrainer:
         """Run the bilevel search.
 
         Each step takes one train batch: the weights (AdamW) step on it, and the selectors step on
@@ -251,8 +290,9 @@ class AutoLoRATrainer:
         check_reiterable(train_data, "train_data")
         check_nonempty(train_data, "train_data")
         if val_data is None:
-            train_data, val_data = split_batches(list(train_data), self.search_config.val_fraction,
-                                                 self.search_config.seed)
+            train_data, val_data = split_batches(
+                list(train_data), self.search_config.val_fraction, self.search_config.seed
+            )
         else:
             check_reiterable(val_data, "val_data")
             check_nonempty(val_data, "val_data")
@@ -313,7 +353,9 @@ class AutoLoRATrainer:
         if meta.hyper is not None:
             selector_grads = list(meta.hyper.selector_grads)
             if s.sparsity > 0:
-                penalty = sum(sparsity_penalty(b, a.gate) for b, a in zip(self.problem.selectors, self.adapters.values()))
+                penalty = sum(
+                    sparsity_penalty(b, a.gate) for b, a in zip(self.problem.selectors, self.adapters.values())
+                )
                 reg = torch.autograd.grad(penalty, self.problem.selectors)
                 selector_grads = [g + s.sparsity * r for g, r in zip(selector_grads, reg)]
         for p, g in zip(self.problem.weights, meta.weight_grads):
@@ -338,7 +380,10 @@ class AutoLoRATrainer:
     def _check_finite(self, meta: MetaGrads, step: int) -> None:
         checks = [("train loss", [meta.train_loss]), ("weight gradient", meta.weight_grads)]
         if meta.hyper is not None:
-            checks += [("validation loss", [meta.hyper.val_loss]), ("selector hypergradient", meta.hyper.selector_grads)]
+            checks += [
+                ("validation loss", [meta.hyper.val_loss]),
+                ("selector hypergradient", meta.hyper.selector_grads),
+            ]
         for what, tensors in checks:
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 raise NonFiniteError(
@@ -367,8 +412,14 @@ class AutoLoRATrainer:
             self._logger = None
 
     # ----------------------------------------------------------------------------- prune / export
-    def prune(self, threshold: float | None = None, target_rank: int | None = None, *, min_rank: int = 1,
-              max_rank_per_module: int | None = None) -> dict[str, int]:
+    def prune(
+        self,
+        threshold: float | None = None,
+        target_rank: int | None = None,
+        *,
+        min_rank: int = 1,
+        max_rank_per_module: int | None = None,
+    ) -> dict[str, int]:
         """Shrink every adapter to its final rank and return the plan ``{module: rank}``.
 
         Args:
@@ -387,23 +438,31 @@ class AutoLoRATrainer:
             AutoLoRAError: if both rules are given, the budget cannot be met, or ``prune`` was
                 already called with other arguments.
         """
-        rule = {"threshold": threshold, "target_rank": target_rank, "min_rank": min_rank,
-                "max_rank_per_module": max_rank_per_module}
+        rule = {
+            "threshold": threshold,
+            "target_rank": target_rank,
+            "min_rank": min_rank,
+            "max_rank_per_module": max_rank_per_module,
+        }
         if self.plan is not None:
             if self.plan.same_rule(**rule):
                 return self.plan.ranks
-            raise StateError("prune() was already called with other arguments; the adapters are already "
-                             f"shrunk to {self.plan.ranks}. Build a new trainer to prune differently.")
+            raise StateError(
+                "prune() was already called with other arguments; the adapters are already "
+                f"shrunk to {self.plan.ranks}. Build a new trainer to prune differently."
+            )
         if threshold is not None and target_rank is not None:
             raise ConfigError("pass threshold= or target_rank= to prune(), not both.")
         gates = self.gates()
         if target_rank is not None:
             max_rank = max(a.rank for a in self.adapters.values())
             if not isinstance(target_rank, int) or not 1 <= target_rank <= max_rank:
-                raise ConfigError(f"target_rank={target_rank!r} is invalid; it must be an integer from 1 to "
-                                  f"max_rank={max_rank}.")
-            keep = budget_keep(gates, target_rank * len(gates), min_rank=min_rank,
-                               max_rank_per_module=max_rank_per_module)
+                raise ConfigError(
+                    f"target_rank={target_rank!r} is invalid; it must be an integer from 1 to max_rank={max_rank}."
+                )
+            keep = budget_keep(
+                gates, target_rank * len(gates), min_rank=min_rank, max_rank_per_module=max_rank_per_module
+            )
         else:
             if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
                 raise ConfigError(f"threshold={threshold!r} is invalid; it must be a gate value in [0, 1].")
@@ -417,8 +476,12 @@ class AutoLoRATrainer:
                 replace_module(self.model, name, adapter.base_layer)
                 del self.adapters[name]
                 self.removed.append(name)
-        self.plan = PrunePlan(keep=keep, rule="budget" if target_rank is not None else "threshold",
-                              gates={n: g.tolist() for n, g in gates.items()}, **rule)
+        self.plan = PrunePlan(
+            keep=keep,
+            rule="budget" if target_rank is not None else "threshold",
+            gates={n: g.tolist() for n, g in gates.items()},
+            **rule,
+        )
         self._build_optimisers()
         return self.plan.ranks
 

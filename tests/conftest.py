@@ -16,9 +16,17 @@ def bert(num_labels: int = 2, dtype: torch.dtype = torch.float32):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg).to(dtype)
 
 
@@ -26,8 +34,16 @@ def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -35,8 +51,15 @@ def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -61,7 +84,9 @@ def mlp_loss(model: nn.Module, batch) -> torch.Tensor:
 
 def mlp_batches(n: int = 6, size: int = 8, seed: int = 1, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 6, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(size, 6, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)
+    ]
 
 
 def token_batches(n: int = 6, size: int = 4, length: int = 8, seed: int = 1, labels: str = "cls"):
@@ -85,11 +110,20 @@ def _hf_forward(model, batch):
 
 
 CASES = {
-    "bert": (bert, {"max_rank": 4, "modules_to_save": ["classifier"]}, lambda: token_batches(labels="cls"), _hf_forward),
+    "bert": (
+        bert,
+        {"max_rank": 4, "modules_to_save": ["classifier"]},
+        lambda: token_batches(labels="cls"),
+        _hf_forward,
+    ),
     "gpt2": (gpt2, {"max_rank": 4}, lambda: token_batches(labels="lm"), _hf_forward),
     "llama": (llama, {"max_rank": 4, "target_modules": "all-linear"}, lambda: token_batches(labels="lm"), _hf_forward),
-    "mlp": (MLP, {"max_rank": 4, "target_modules": ["fc1", "fc2"], "modules_to_save": ["head"], "loss_fn": mlp_loss},
-            mlp_batches, lambda m, b: m(b[0])),
+    "mlp": (
+        MLP,
+        {"max_rank": 4, "target_modules": ["fc1", "fc2"], "modules_to_save": ["head"], "loss_fn": mlp_loss},
+        mlp_batches,
+        lambda m, b: m(b[0]),
+    ),
 }
 
 

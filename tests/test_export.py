@@ -83,7 +83,11 @@ def test_export_refuses_non_empty_folder_and_files(tmp_path):
         t.export(target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     t.export(target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "ranks.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ranks.json",
+    ]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match="is a file"):
         t.export(tmp_path / "file")

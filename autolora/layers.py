@@ -114,6 +114,21 @@ class GatedLoRALinear(nn.Module):
         self.selector = nn.Parameter(self.selector.detach()[keep].clone(), requires_grad=False)
         self.scale, self.gate = 1.0, "fixed"
 
+    @torch.no_grad()
+    def reinit(self, scale: float, generator: torch.Generator | None = None) -> None:
+        """Start over at the current rank: A random, B zero, gates fixed at 1, selector frozen."""
+        self.reset_lora_A(generator)
+        self.lora_B.zero_()
+        self.selector.requires_grad_(False)
+        self.scale, self.gate = float(scale), "fixed"
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base weight's layout: (out, in) for Linear, (in, out) for Conv1D."""
+        a, b = self.folded_factors()
+        delta = b @ a  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, gate={self.gate}, scale={self.scale:g}"

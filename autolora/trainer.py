@@ -14,7 +14,7 @@ from autolora.bilevel import Bilevel, LossFn, _LossModule, default_loss
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
 from autolora.data import Cycle, check_nonempty, check_reiterable, split_batches, to_device
 from autolora.errors import ConfigError, NonFiniteError, StateError
-from autolora.export import adapter_files, write_adapter
+from autolora.export import adapter_files, merged_model, write_adapter, write_merged
 from autolora.gates import default_threshold, sparsity_penalty
 from autolora.hypergrad import MetaGrads, get_engine, meta_gradients
 from autolora.inject import (
@@ -144,6 +144,12 @@ class AutoLoRATrainer:
             )
 
         self.adapters: dict[str, GatedLoRALinear] = inject_adapters(model, names, make)
+        # the modules_to_save as they started, so retrain() can start them over too
+        self._saved_init = {
+            n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
+            for n in self.modules_to_save
+        }
+        self.retrained = False
         self.removed: list[str] = []  # modules pruned to rank 0
         freeze_base(model, self.adapters, self.modules_to_save)
         self.state = TrainerState()
@@ -485,6 +491,104 @@ class AutoLoRATrainer:
         self._build_optimisers()
         return self.plan.ranks
 
+    def retrain(
+        self,
+        train_data: Iterable,
+        val_data: Iterable | None = None,
+        epochs: int = 1,
+        lr: float | None = None,
+        max_steps: int | None = None,
+        warmup_ratio: float = 0.06,
+    ) -> AutoLoRATrainer:
+        """Train fresh LoRA adapters at the found ranks, as the paper does after its search.
+
+        Every adapter is re-initialised at its pruned rank (A random, B zero) with PEFT's scaling
+        ``lora_alpha / r_k`` and gates fixed at 1 (no selectors); ``modules_to_save`` start
+        over from their initial values. Training uses train + validation data: with
+        ``val_data=None`` that is all of ``train_data`` (the 30% split merged back). AdamW with
+        a linear schedule and ``warmup_ratio`` warm-up (the paper's retrain recipe).
+
+        Args:
+            train_data: Re-iterable batches.
+            val_data: Validation batches of the search, trained on too; ``None`` if the search
+                split ``train_data``.
+            epochs: Passes over the data.
+            lr: AdamW learning rate (default: the search's ``lr``).
+            max_steps: Stop early after this many steps.
+            warmup_ratio: Fraction of the steps spent warming the learning rate up.
+
+        Raises:
+            AutoLoRAError: before ``prune()``, or for empty or one-shot data.
+        """
+        if self.plan is None:
+            raise StateError("retrain() trains at the found ranks: call prune() first to fix them.")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs={epochs!r} is invalid; it must be an integer >= 1.")
+        check_reiterable(train_data, "train_data")
+        check_nonempty(train_data, "train_data")
+        batches = list(train_data)
+        if val_data is not None:
+            check_reiterable(val_data, "val_data")
+            batches += list(val_data)
+        gen = torch.Generator().manual_seed(self.search_config.seed + 1)
+        alpha = self.adapter_config.lora_alpha
+        for adapter in self.adapters.values():
+            adapter.reinit(alpha / adapter.rank, generator=gen)
+        for name, state in self._saved_init.items():
+            self.model.get_submodule(name).load_state_dict(state)
+        self._build_optimisers()
+        optimizer = self.weight_optimizer
+        total = len(batches) * epochs if max_steps is None else min(max_steps, len(batches) * epochs)
+        warmup = int(warmup_ratio * total)
+        for group in optimizer.param_groups:
+            group["lr"] = self.search_config.lr if lr is None else lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda i: (i + 1) / max(1, warmup) if i < warmup else max(0.0, (total - i) / max(1, total - warmup)),
+        )
+        order = torch.Generator().manual_seed(self.search_config.seed)
+        logger, bar = self._get_logger(), self._progress(total)
+        step = 0
+        try:
+            while step < total:
+                for i in torch.randperm(len(batches), generator=order).tolist():
+                    meta = self._meta(to_device(batches[i], self.device), None, with_selectors=False)
+                    self._check_finite(meta, step + 1)
+                    for p, g in zip(self.problem.weights, meta.weight_grads):
+                        p.grad = g
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    schedule.step()
+                    step += 1
+                    if step == 1 or step == total or step % self.logging_config.log_every == 0:
+                        logger.log_dict(
+                            {"retrain/loss": float(meta.train_loss), "retrain/lr": schedule.get_last_lr()[0]},
+                            self.state.step + step,
+                        )
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(meta.train_loss):.4f}")
+                    if step >= total:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        self.retrained = True
+        return self
+
+    def export_merged(self, path: str | os.PathLike, overwrite: bool = False) -> str:
+        """Write the base model with the adapters merged in; ``trainer.model`` is left as it is.
+
+        Hugging Face models are written with ``save_pretrained``; other models as
+        ``model.safetensors`` holding the state_dict. A base weight tied to another (GPT-2's
+        ``lm_head`` and ``wte``) is untied first, so only the adapted layer changes.
+
+        Raises:
+            AutoLoRAError: if ``path`` is a file, or a non-empty folder and ``overwrite`` is False.
+        """
+        write_merged(path, merged_model(self.model, self.adapters), overwrite=overwrite)
+        return str(path)
+
     def export(self, path: str | os.PathLike, overwrite: bool = False) -> str:
         """Write a stock PEFT LoRA adapter folder (``PeftModel.from_pretrained`` loads it).
 
@@ -509,6 +613,7 @@ class AutoLoRATrainer:
             "ranks": self.ranks(),
             "gates": gates,
             "rule": plan.rule if plan else "threshold (not pruned)",
+            "retrained": self.retrained,
             "threshold": plan.threshold if plan else None,
             "target_rank": plan.target_rank if plan else None,
             "min_rank": plan.min_rank if plan else 1,

@@ -90,3 +90,19 @@ def test_rank_zero_removes_module():
     assert set(plan.values()) == {0}
     assert isinstance(t.model.fc1, torch.nn.Linear) and not t.adapters
     assert t.ranks() == {"fc1": 0, "fc2": 0}
+
+
+def test_budget_varies_ranks_and_count_matches_export(tmp_path):
+    from safetensors.torch import load_file
+
+    t = AutoLoRATrainer(bert(), max_rank=6, hypergrad="first_order", selector_lr=0.2)
+    from tests.conftest import token_batches
+
+    t.fit(token_batches(8), epochs=3)
+    plan = t.prune(target_rank=2, max_rank_per_module=4)
+    assert sum(plan.values()) <= 2 * len(plan) and len(set(plan.values())) > 1 and max(plan.values()) <= 4
+    t.export(tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    counts = t.parameter_count(plan)
+    assert counts["adapter"] == sum(v.numel() for k, v in tensors.items() if "lora_" in k)
+    assert counts["uniform"] == 2 * len(plan) * (32 + 32)  # a uniform r=2 LoRA on the same modules

@@ -80,7 +80,7 @@ def _mlp_first_order_reference(trainer, val):
     return torch.autograd.grad(F.cross_entropy(_mlp_forward(base, w, beta, val[0]), val[1]), beta)
 
 
-def _mlp_trainer(engine, xi=XI):
+def _mlp_trainer(engine, xi=XI, **kwargs):
     t = AutoLoRATrainer(
         MLP(dtype=torch.float64),
         max_rank=4,
@@ -90,6 +90,7 @@ def _mlp_trainer(engine, xi=XI):
         hypergrad=engine,
         inner_lr=xi,
         scale=SCALE,
+        **kwargs,
     )
     _randomise(t)
     return t
@@ -266,18 +267,7 @@ def test_raising_sparsity_lowers_kept_components(gate):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3])
 def test_selector_update_is_hypergradient_plus_entropy_gradient(sparsity):
-    t = AutoLoRATrainer(
-        MLP(dtype=torch.float64),
-        max_rank=4,
-        target_modules=["fc1", "fc2"],
-        modules_to_save=["head"],
-        loss_fn=mlp_loss,
-        hypergrad="darts",
-        inner_lr=XI,
-        scale=SCALE,
-        sparsity=sparsity,
-    )
-    _randomise(t)
+    t = _mlp_trainer("darts", sparsity=sparsity)
     t.selector_optimizer = torch.optim.SGD(t.problem.selectors, lr=1.0)  # update = -(gradient)
     train, val = mlp_batches(2, dtype=torch.float64)
     hyper = t.hypergradient(train, val)

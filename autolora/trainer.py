@@ -16,7 +16,7 @@ from autolora.data import Cycle, check_nonempty, check_reiterable, split_batches
 from autolora.errors import ConfigError, NonFiniteError, StateError
 from autolora.export import adapter_files, merged_model, write_adapter, write_merged
 from autolora.gates import default_threshold, sparsity_penalty
-from autolora.hypergrad import MetaGrads, get_engine, meta_gradients
+from autolora.hypergrad import Engine, MetaGrads, get_engine, meta_gradients
 from autolora.inject import (
     check_rank_fits,
     freeze_base,
@@ -234,29 +234,31 @@ class AutoLoRATrainer:
             {module: tensor shaped and typed like its selector}.
         """
         self._check_searchable("hypergradient()")
-        devices = [d.index for d in {self.device} if d.type == "cuda"]
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            meta = meta_gradients(
-                self.problem,
-                self.engine if engine is None else get_engine(engine),
-                to_device(train_batch, self.device),
-                to_device(val_batch, self.device),
-                xi=self.search_config.xi,
-                fd_epsilon=self.search_config.fd_epsilon,
-            )
+            meta = self._meta(train_batch, val_batch, self.engine if engine is None else get_engine(engine))
         return {n: g.detach().clone() for n, g in zip(self.problem.selector_names, meta.hyper.selector_grads)}
 
     # ----------------------------------------------------------------------------- search
-    def _meta(self, train_batch, val_batch, with_selectors: bool) -> MetaGrads:
+    def _meta(self, train_batch, val_batch, engine: Engine | None) -> MetaGrads:
+        """Gradients at the current weights; ``engine=None`` computes the weight gradient only."""
         s = self.search_config
         return meta_gradients(
             self.problem,
-            self.engine if with_selectors else None,
-            train_batch,
-            val_batch,
+            engine,
+            to_device(train_batch, self.device),
+            to_device(val_batch, self.device),
             xi=s.xi,
             fd_epsilon=s.fd_epsilon,
         )
+
+    @staticmethod
+    def _apply(optimizer: torch.optim.Optimizer, params, grads) -> None:
+        """One optimiser step with the given gradients (never accumulated into ``.grad``)."""
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _check_searchable(self, call: str) -> None:
         if self.plan is not None:
@@ -352,8 +354,7 @@ class AutoLoRATrainer:
         self._check_searchable("step()")
         s = self.search_config
         step = self.state.step + 1
-        with_selectors = step % s.selector_every == 0
-        meta = self._meta(to_device(train_batch, self.device), to_device(val_batch, self.device), with_selectors)
+        meta = self._meta(train_batch, val_batch, self.engine if step % s.selector_every == 0 else None)
         self._check_finite(meta, step)
         selector_grads = None
         if meta.hyper is not None:
@@ -364,15 +365,9 @@ class AutoLoRATrainer:
                 )
                 reg = torch.autograd.grad(penalty, self.problem.selectors)
                 selector_grads = [g + s.sparsity * r for g, r in zip(selector_grads, reg)]
-        for p, g in zip(self.problem.weights, meta.weight_grads):
-            p.grad = g
-        self.weight_optimizer.step()
-        self.weight_optimizer.zero_grad(set_to_none=True)
+        self._apply(self.weight_optimizer, self.problem.weights, meta.weight_grads)
         if selector_grads is not None:
-            for p, g in zip(self.problem.selectors, selector_grads):
-                p.grad = g
-            self.selector_optimizer.step()
-            self.selector_optimizer.zero_grad(set_to_none=True)
+            self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
         self.state.step = step
         ranks = self.ranks()
         metrics = {"loss/train": float(meta.train_loss)}
@@ -552,12 +547,9 @@ class AutoLoRATrainer:
         try:
             while step < total:
                 for i in torch.randperm(len(batches), generator=order).tolist():
-                    meta = self._meta(to_device(batches[i], self.device), None, with_selectors=False)
+                    meta = self._meta(batches[i], None, engine=None)
                     self._check_finite(meta, step + 1)
-                    for p, g in zip(self.problem.weights, meta.weight_grads):
-                        p.grad = g
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    self._apply(optimizer, self.problem.weights, meta.weight_grads)
                     schedule.step()
                     step += 1
                     if step == 1 or step == total or step % self.logging_config.log_every == 0:

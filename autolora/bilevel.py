@@ -46,6 +46,23 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+class _GradModule(nn.Module):
+    """Loss *and* its gradient in one forward, so both run inside one ``functional_call``.
+
+    Computing the gradient while the fast weights are still in place matters when the model
+    recomputes its forward during backward (gradient checkpointing): the recomputation then sees
+    the same weights as the forward did.
+    """
+
+    def __init__(self, loss_module: _LossModule) -> None:
+        super().__init__()
+        self.inner = loss_module
+
+    def forward(self, batch, inputs, weight: float, create_graph: bool):
+        loss = self.inner(batch)
+        return loss, grads_or_zeros(loss * weight, inputs, create_graph=create_graph, retain_graph=create_graph)
+
+
 @dataclass
 class Bilevel:
     """The two levels of an adapted model.
@@ -63,9 +80,13 @@ class Bilevel:
     weights: tuple[nn.Parameter, ...]
     selector_names: tuple[str, ...]
     selectors: tuple[nn.Parameter, ...]
+    loss_scale: float = 1.0
+    reducer: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         self._keys = tuple("model." + n for n in self.weight_names)
+        self._grad_module = _GradModule(self.module)
+        self._grad_keys = tuple("inner." + k for k in self._keys)
 
     @property
     def model(self) -> nn.Module:
@@ -76,6 +97,47 @@ class Bilevel:
         if weights is None:
             return self.module(batch)
         return functional_call(self.module, dict(zip(self._keys, weights)), (batch,), strict=False)
+
+    def value_and_grad(
+        self,
+        batches: Sequence[object],
+        inputs: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor] | None = None,
+        *,
+        create_graph: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Mean loss over micro-batches and its gradient with respect to ``inputs``.
+
+        Every gradient of the bilevel step goes through here, so three concerns live in one
+        place: gradient accumulation (one backward per micro-batch, summed with weight 1/k),
+        loss scaling (the backward runs on ``loss * loss_scale`` and the result is divided back,
+        as a float16 ``GradScaler`` does), and data parallelism (``reducer`` averages the
+        gradients and the loss across processes, so every engine sees the gradient of the union
+        of the shards). Losses are returned detached unless ``create_graph``.
+        """
+        k = len(batches)
+        scale = float(self.loss_scale)
+        total: torch.Tensor | None = None
+        summed: list[torch.Tensor] | None = None
+        for batch in batches:
+            if weights is None:
+                loss = self.module(batch)
+                grads = grads_or_zeros(loss * (scale / k), inputs, create_graph=create_graph, retain_graph=create_graph)
+            else:
+                params = dict(zip(self._grad_keys, weights))
+                loss, grads = functional_call(
+                    self._grad_module, params, (batch, list(inputs), scale / k, create_graph), strict=False
+                )
+            loss = loss if create_graph else loss.detach()
+            total = loss / k if total is None else total + loss / k
+            summed = list(grads) if summed is None else [a + g for a, g in zip(summed, grads)]
+        if total is None or summed is None:
+            raise DataError("a bilevel step got no batches; give at least one batch.")
+        if scale != 1.0:
+            summed = [g / scale for g in summed]
+        if self.reducer is not None:
+            *summed, total = self.reducer([*summed, total])
+        return total, tuple(summed)
 
 
 def grads_or_zeros(

@@ -14,9 +14,12 @@ from autolora.errors import ConfigError
 
 GateKind = Literal["softmax", "sigmoid"]
 EngineName = Literal["first_order", "darts", "unrolled", "higher"]
+AutocastKind = Literal["bf16", "fp16"]
 
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+AUTOCAST_KINDS: tuple[str, ...] = get_args(AutocastKind)
+LOGGER_NAMES: tuple[str, ...] = ("tensorboard", "jsonl")
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
@@ -35,6 +38,11 @@ def _check_positive(field: str, value: float, *, allow_zero: bool = False) -> No
 def _check_int(field: str, value: object, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{field}={value!r} is invalid; it must be an integer >= {minimum}.")
+
+
+def _check_bool(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is invalid; it must be true or false.")
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,15 @@ class SearchConfig:
         val_fraction: With ``val_data=None``, this fraction of the train batches (rounded
             down, at least 1) becomes validation data, once, with ``seed``.
         seed: Seeds adapter init, the train/validation split and dropout.
+        autocast: ``"bf16"`` or ``"fp16"`` mixed precision for the forward passes (adapter
+            parameters stay in their own dtype); ``None`` for none. ``"fp16"`` adds a dynamic
+            loss scale: a step whose gradients overflow is skipped and the scale halved.
+        grad_accum_steps: Micro-batches per step: each step accumulates the gradients of this
+            many train batches (and as many validation batches for the hypergradient).
+        gradient_checkpointing: Call the model's ``gradient_checkpointing_enable`` (Hugging Face
+            models) with the non-reentrant implementation, which ``autograd.grad`` needs.
+        skip_nonfinite: On a NaN/inf loss or gradient, skip that step (counted in
+            ``trainer.state.skipped_steps``) instead of raising ``NonFiniteError``.
     """
 
     hypergrad: EngineName = "darts"
@@ -134,6 +151,10 @@ class SearchConfig:
     fd_epsilon: float = 0.01
     val_fraction: float = 0.3
     seed: int = 0
+    autocast: AutocastKind | None = None
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("hypergrad", self.hypergrad, ENGINE_NAMES)
@@ -158,6 +179,11 @@ class SearchConfig:
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid; it must be in (0, 1).")
         _check_int("seed", self.seed, minimum=0)
+        if self.autocast is not None:
+            _check_choice("autocast", self.autocast, AUTOCAST_KINDS)
+        _check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
+        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        _check_bool("skip_nonfinite", self.skip_nonfinite)
 
     @property
     def xi(self) -> float:
@@ -173,14 +199,26 @@ class LoggingConfig:
         log_dir: TensorBoard log folder; ``None`` logs nowhere.
         log_every: Log every N steps (and always at the first and the last step).
         progress: Show a progress bar when attached to a terminal.
+        loggers: What writes into ``log_dir``: ``"tensorboard"`` event files, ``"jsonl"``
+            (``metrics.jsonl``, which ``autolora report`` reads), or both (the default).
     """
 
     log_dir: str | None = None
     log_every: int = 10
     progress: bool = True
+    loggers: tuple[str, ...] = ("tensorboard", "jsonl")
 
     def __post_init__(self) -> None:
         _check_int("log_every", self.log_every, minimum=1)
+        _check_bool("progress", self.progress)
+        if isinstance(self.loggers, (list, str)):
+            object.__setattr__(
+                self, "loggers", (self.loggers,) if isinstance(self.loggers, str) else tuple(self.loggers)
+            )
+        if not self.loggers or not isinstance(self.loggers, tuple):
+            raise ConfigError(f"loggers={self.loggers!r} is invalid; give a list from 'tensorboard', 'jsonl'.")
+        for name in self.loggers:
+            _check_choice("loggers", name, LOGGER_NAMES)
         if self.log_dir is not None:
             object.__setattr__(self, "log_dir", str(self.log_dir))
 

@@ -78,3 +78,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
         moved = [to_device(v, device) for v in batch]
         return type(batch)(moved) if type(batch) in (list, tuple) else moved
     return batch
+
+
+def lookahead(data: Iterable) -> Iterator[tuple[int, Any, bool]]:
+    """``(index, item, is_last)`` over ``data``, knowing the last item without ``len``."""
+    it = iter(data)
+    sentinel = object()
+    current = next(it, sentinel)
+    i = 0
+    while current is not sentinel:
+        following = next(it, sentinel)
+        yield i, current, following is sentinel
+        current, i = following, i + 1

@@ -59,47 +59,46 @@ class Engine:
     graph_train_grads: bool
 
 
-def _first_order(problem: Bilevel, train_batch, val_batch, train_grads, **_) -> Hypergrad:
-    val_loss = problem.loss(val_batch)
-    return Hypergrad(grads_or_zeros(val_loss, problem.selectors), val_loss.detach())
+def _first_order(problem: Bilevel, train_batches, val_batches, train_grads, **_) -> Hypergrad:
+    val_loss, grads = problem.value_and_grad(val_batches, problem.selectors)
+    return Hypergrad(grads, val_loss)
 
 
 def _darts(
-    problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, fd_epsilon: float, train_rng: RngSnapshot
+    problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, fd_epsilon: float, train_rng: RngSnapshot
 ) -> Hypergrad:
     n = len(problem.weights)
     with torch.no_grad():
         w = [p.detach() for p in problem.weights]
         w_virtual = [(p - xi * g).requires_grad_() for p, g in zip(w, train_grads)]
-    val_loss = problem.loss(val_batch, w_virtual)
-    grads = grads_or_zeros(val_loss, [*w_virtual, *problem.selectors])
+    val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
     v, direct = grads[:n], grads[n:]
     norm = torch.sqrt(sum((x.double() ** 2).sum() for x in v))
     if xi == 0 or not torch.isfinite(norm) or norm == 0:
-        return Hypergrad(direct, val_loss.detach())
+        return Hypergrad(direct, val_loss)
     eps = float(fd_epsilon / norm)
 
     def train_selector_grads(sign: float) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             w_shift = [p + sign * eps * d for p, d in zip(w, v)]
         with train_rng.replay():  # the same dropout masks as the train step's gradient
-            return grads_or_zeros(problem.loss(train_batch, w_shift), problem.selectors)
+            return problem.value_and_grad(train_batches, problem.selectors, w_shift)[1]
 
     plus, minus = train_selector_grads(+1.0), train_selector_grads(-1.0)
     scale = xi / (2 * eps)
     hyper = tuple(d - scale * (p - m) for d, p, m in zip(direct, plus, minus))
-    return Hypergrad(hyper, val_loss.detach())
+    return Hypergrad(hyper, val_loss)
 
 
-def _unrolled(problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, **_) -> Hypergrad:
+def _unrolled(problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, **_) -> Hypergrad:
     # train_grads carry their graph (create_graph=True), so d/dbeta flows through w' as well.
     w_virtual = [p - xi * g for p, g in zip(problem.weights, train_grads)]
-    val_loss = problem.loss(val_batch, w_virtual)
-    return Hypergrad(grads_or_zeros(val_loss, problem.selectors), val_loss.detach())
+    val_loss, grads = problem.value_and_grad(val_batches, problem.selectors, w_virtual)
+    return Hypergrad(grads, val_loss)
 
 
 def _higher(
-    problem: Bilevel, train_batch, val_batch, train_grads, *, xi: float, train_rng: RngSnapshot, **_
+    problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, train_rng: RngSnapshot, **_
 ) -> Hypergrad:
     try:
         import higher
@@ -108,6 +107,13 @@ def _higher(
             f"hypergrad='higher' needs the 'higher' package, which failed to import ({e}); "
             "pip install higher, or use hypergrad='unrolled' (the same quantity via torch.func)."
         ) from None
+    if len(train_batches) != 1 or len(val_batches) != 1 or problem.loss_scale != 1.0 or problem.reducer:
+        raise ConfigError(
+            "hypergrad='higher' takes its own differentiable step on one whole batch, so it cannot combine with "
+            "grad_accum_steps > 1, float16 loss scaling or data parallelism; use hypergrad='unrolled' (the same "
+            "exact hypergradient through torch.func) or autocast='bf16'."
+        )
+    (train_batch,), (val_batch,) = train_batches, val_batches
     sgd = torch.optim.SGD(problem.weights, lr=xi)
     # copy_initial_weights=False: the fast model starts from the real parameters, so the
     # selectors stay connected (the default would detach them and their gradient is None).
@@ -161,23 +167,24 @@ class MetaGrads:
 
 
 def meta_gradients(
-    problem: Bilevel, engine: Engine | None, train_batch, val_batch, *, xi: float, fd_epsilon: float
+    problem: Bilevel, engine: Engine | None, train_batches, val_batches, *, xi: float, fd_epsilon: float
 ) -> MetaGrads:
     """Train loss and weight gradient at w_t, then (with an engine) the hypergradient reusing it.
 
-    Second-order engines run the whole region (the train gradient with ``create_graph`` and the
-    double backward) with math attention; everything else keeps the fast kernels. With
-    ``engine=None`` only the weight gradient is computed (a step without a selector update).
+    ``train_batches`` and ``val_batches`` are sequences of micro-batches (one for a plain step);
+    their gradients are accumulated. Second-order engines run the whole region (the train
+    gradient with ``create_graph`` and the double backward) with math attention; everything else
+    keeps the fast kernels. With ``engine=None`` only the weight gradient is computed (a step
+    without a selector update).
     """
     second_order = engine is not None and engine.second_order
     graph = engine is not None and engine.graph_train_grads
     train_rng = RngSnapshot(list({p.device for p in problem.weights}))
     with math_attention() if second_order else contextlib.nullcontext():
-        train_loss = problem.loss(train_batch)
-        weight_grads = grads_or_zeros(train_loss, problem.weights, create_graph=graph, retain_graph=graph)
+        train_loss, weight_grads = problem.value_and_grad(train_batches, problem.weights, create_graph=graph)
         hyper = None
         if engine is not None:
             hyper = engine.fn(
-                problem, train_batch, val_batch, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
+                problem, train_batches, val_batches, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
             )
     return MetaGrads(train_loss.detach(), tuple(g.detach() for g in weight_grads), hyper)

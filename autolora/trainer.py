@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from autolora import checkpoint, dashboard
 from autolora.bilevel import Bilevel, LossFn, _LossModule, default_loss
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
-from autolora.data import Cycle, check_nonempty, check_reiterable, split_batches, to_device
+from autolora.data import Cycle, check_nonempty, check_reiterable, lookahead, split_batches, to_device
+from autolora.distributed import DistContext, init_distributed
 from autolora.errors import ConfigError, NonFiniteError, StateError
 from autolora.export import adapter_files, merged_model, write_adapter, write_merged
 from autolora.gates import default_threshold, sparsity_penalty
@@ -26,7 +31,7 @@ from autolora.inject import (
     resolve_targets,
 )
 from autolora.layers import GatedLoRALinear, layer_dims
-from autolora.loggers import Logger, NullLogger, TensorBoardLogger
+from autolora.loggers import LoggerBase, NullLogger, make_logger
 from autolora.prune import PrunePlan, adapter_parameters, budget_keep, threshold_keep
 
 
@@ -34,10 +39,17 @@ from autolora.prune import PrunePlan, adapter_parameters, budget_keep, threshold
 class TrainerState:
     """Counters that let ``fit`` continue where it stopped."""
 
-    step: int = 0  # weight steps taken
+    step: int = 0  # weight steps taken (skipped ones included)
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # train batches consumed in the current epoch
     val_position: int = 0  # validation batches consumed in the current cycle
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (or fp16 overflow)
+    loss_scale: float = 1.0  # the dynamic float16 loss scale (1 without fp16 autocast)
+    good_steps: int = 0  # steps since the loss scale last changed
+
+
+FP16_INIT_SCALE = 2.0**16
+FP16_GROWTH_INTERVAL = 2000
 
 
 class AutoLoRATrainer:
@@ -136,6 +148,8 @@ class AutoLoRATrainer:
         self.modules_to_save = resolve_modules_to_save(model, adapter.modules_to_save)
         names = resolve_targets(model, adapter.target_modules, self.modules_to_save)
         check_rank_fits(model, names, adapter.max_rank)
+        if search.gradient_checkpointing:
+            self._enable_checkpointing(model, search)
         gen = torch.Generator().manual_seed(search.seed)
 
         def make(layer: nn.Module) -> GatedLoRALinear:
@@ -152,10 +166,30 @@ class AutoLoRATrainer:
         self.retrained = False
         self.removed: list[str] = []  # modules pruned to rank 0
         freeze_base(model, self.adapters, self.modules_to_save)
-        self.state = TrainerState()
+        self.state = TrainerState(loss_scale=FP16_INIT_SCALE if search.autocast == "fp16" else 1.0)
         self.plan: PrunePlan | None = None
+        self._dist: DistContext | None = None
         self._build_optimisers()
-        self._logger: Logger | None = None
+        self._logger: LoggerBase | None = None
+        self._logged_step = -1
+
+    @staticmethod
+    def _enable_checkpointing(model: nn.Module, search: SearchConfig) -> None:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(
+                f"gradient_checkpointing=True calls model.gradient_checkpointing_enable(), which "
+                f"{type(model).__name__} does not have (Hugging Face models do). Wrap your blocks in "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself and leave this off."
+            )
+        if search.hypergrad in ("unrolled", "higher"):
+            raise ConfigError(
+                f"hypergrad={search.hypergrad!r} cannot run with gradient_checkpointing: its double backward "
+                "re-runs checkpointed blocks outside the fast weights it differentiates through. Use "
+                "hypergrad='darts' or 'first_order' with checkpointing, or turn checkpointing off."
+            )
+        # autograd.grad (every engine uses it) needs the non-reentrant implementation
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ----------------------------------------------------------------------------- structure
     def _weight_params(self) -> dict[str, nn.Parameter]:
@@ -173,6 +207,7 @@ class AutoLoRATrainer:
             tuple(weights.values()),
             tuple(self.adapters),
             tuple(a.selector for a in self.adapters.values()),
+            reducer=self._dist.average if self._dist else None,
         )
         s = self.search_config
         # after pruning every module to rank 0 nothing may be left to optimise
@@ -190,6 +225,11 @@ class AutoLoRATrainer:
     @property
     def device(self) -> torch.device:
         return next(iter(self.adapters.values())).lora_A.device if self.adapters else torch.device("cpu")
+
+    @property
+    def is_main_process(self) -> bool:
+        """False on every data-parallel process but the first (they neither log nor write)."""
+        return self._dist is None or self._dist.is_main
 
     # ----------------------------------------------------------------------------- queries
     def gates(self) -> dict[str, torch.Tensor]:
@@ -236,21 +276,28 @@ class AutoLoRATrainer:
         self._check_searchable("hypergradient()")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            meta = self._meta(train_batch, val_batch, self.engine if engine is None else get_engine(engine))
+            meta = self._meta([train_batch], [val_batch], self.engine if engine is None else get_engine(engine))
         return {n: g.detach().clone() for n, g in zip(self.problem.selector_names, meta.hyper.selector_grads)}
 
     # ----------------------------------------------------------------------------- search
-    def _meta(self, train_batch, val_batch, engine: Engine | None) -> MetaGrads:
-        """Gradients at the current weights; ``engine=None`` computes the weight gradient only."""
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        kind = self.search_config.autocast
+        if kind is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _meta(self, train_batches: list, val_batches: list | None, engine: Engine | None) -> MetaGrads:
+        """Gradients at the current weights over micro-batches; ``engine=None`` (or no validation
+        batches) computes the weight gradient only."""
         s = self.search_config
-        return meta_gradients(
-            self.problem,
-            engine,
-            to_device(train_batch, self.device),
-            to_device(val_batch, self.device),
-            xi=s.xi,
-            fd_epsilon=s.fd_epsilon,
-        )
+        self.problem.loss_scale = self.state.loss_scale
+        train = [to_device(b, self.device) for b in train_batches]
+        val = [to_device(b, self.device) for b in val_batches] if val_batches is not None else None
+        with self._autocast():
+            return meta_gradients(
+                self.problem, engine if val is not None else None, train, val, xi=s.xi, fd_epsilon=s.fd_epsilon
+            )
 
     @staticmethod
     def _apply(optimizer: torch.optim.Optimizer, params, grads) -> None:
@@ -267,13 +314,40 @@ class AutoLoRATrainer:
                 "with a fresh PEFT LoRA (autolora exports the plan), or build a new trainer to search again."
             )
 
+    def _init_distributed(self, train_data, val_data) -> None:
+        """Join a process group (if launched by torchrun/accelerate) and align all processes."""
+        if self._dist is None:
+            self._dist = init_distributed(self.device)
+            if self._dist is None:
+                return
+            if self.engine.second_order:
+                raise ConfigError(
+                    f"hypergrad={self.search_config.hypergrad!r} is not supported with data parallelism: its "
+                    "double backward would need a differentiable all-reduce inside the unrolled step. Use "
+                    "hypergrad='darts' (the same one-step hypergradient by finite differences) or 'first_order'."
+                )
+            self._dist.broadcast([*self.problem.weights, *self.problem.selectors])
+            self._build_optimisers()  # the problem now carries the reducer
+        for data, what in ((train_data, "train_data"), (val_data, "val_data")):
+            self._dist.check_same_length(sum(1 for _ in data), what, self.device)
+
     def fit(
-        self, train_data: Iterable, val_data: Iterable | None = None, epochs: int = 1, max_steps: int | None = None
+        self,
+        train_data: Iterable,
+        val_data: Iterable | None = None,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 3,
+        resume: bool = False,
     ) -> AutoLoRATrainer:
         """Run the bilevel search.
 
-        Each step takes one train batch: the weights (AdamW) step on it, and the selectors step on
-        the hypergradient from the next validation batch. Validation batches are cycled.
+        Each step takes one train batch (``grad_accum_steps`` of them with accumulation): the
+        weights (AdamW) step on it, and, every ``selector_every`` steps, the selectors step on
+        the hypergradient from the next validation batch(es). Validation batches are cycled.
 
         Args:
             train_data: Re-iterable batches (a DataLoader, a list of dicts).
@@ -282,19 +356,34 @@ class AutoLoRATrainer:
                 in every epoch.
             epochs: Stop after this many epoch ends in this call.
             max_steps: Stop after this many steps in this call.
+            checkpoint_dir: Folder for checkpoints (adapter state, optimisers, counters, data
+                position, RNG states), written atomically; ``None`` writes none.
+            checkpoint_every: Also checkpoint every N steps (one is always written at the end).
+            keep_checkpoints: How many of the newest checkpoints to keep.
+            resume: Continue from the newest good checkpoint in ``checkpoint_dir`` and finish the
+                budget of the call that wrote it; with none there yet, start fresh. So one
+                command line serves the first run and every restart.
 
         Calling ``fit`` again continues where it stopped (step, epoch, data position,
-        optimiser states).
+        optimiser states). Launched with ``torchrun``/``accelerate launch``, each process passes
+        its own equal-sized shard and all of them take the same steps.
 
         Raises:
-            AutoLoRAError: for empty or one-shot data, after ``prune()``, or on a non-finite loss
-                or gradient (no parameter is changed by that step).
+            AutoLoRAError: for empty or one-shot data, after ``prune()``, on a non-finite loss or
+                gradient (no parameter is changed by that step; see ``skip_nonfinite``), or for
+                a checkpoint from another model or config.
         """
         self._check_searchable("fit()")
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs={epochs!r} is invalid; it must be an integer >= 1.")
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
             raise ConfigError(f"max_steps={max_steps!r} is invalid; it must be an integer >= 1 or None.")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ConfigError(f"checkpoint_every={checkpoint_every!r} is invalid; it must be an integer >= 1.")
+        if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints={keep_checkpoints!r} is invalid; it must be an integer >= 1.")
+        if (resume or checkpoint_every) and checkpoint_dir is None:
+            raise ConfigError("resume=True and checkpoint_every need checkpoint_dir=<folder> to know where to look.")
         check_reiterable(train_data, "train_data")
         check_nonempty(train_data, "train_data")
         if val_data is None:
@@ -304,58 +393,98 @@ class AutoLoRATrainer:
         else:
             check_reiterable(val_data, "val_data")
             check_nonempty(val_data, "val_data")
+        self._init_distributed(train_data, val_data)
+        start = (self.state.step, self.state.epoch)
+        if resume:
+            saved = checkpoint.latest(checkpoint_dir, map_location=self.device)
+            if saved is not None:
+                start = self._restore(saved)
         val = Cycle(val_data)
         val.position = self.state.val_position
         logger = self._get_logger()
-        total = len(train_data) * epochs - self.state.batch_in_epoch if hasattr(train_data, "__len__") else None
+        n_batches = len(train_data) if hasattr(train_data, "__len__") else None
+        k = self.search_config.grad_accum_steps
+
+        def out_of_steps() -> bool:
+            return max_steps is not None and self.state.step - start[0] >= max_steps
+
+        def out_of_epochs() -> bool:
+            return self.state.epoch - start[1] >= epochs
+
+        total = None
+        if n_batches is not None:
+            per_epoch = -(-n_batches // k)
+            total = per_epoch * (epochs - (self.state.epoch - start[1])) - -(-self.state.batch_in_epoch // k)
         if max_steps is not None:
-            total = max_steps if total is None else min(total, max_steps)
+            left = max_steps - (self.state.step - start[0])
+            total = left if total is None else min(total, left)
         bar = self._progress(total)
-        steps, epochs_done, last = 0, 0, None
+        last: dict[str, float] | None = None
         try:
-            n_batches = len(train_data) if hasattr(train_data, "__len__") else None
-            while epochs_done < epochs and (max_steps is None or steps < max_steps):
-                finished = True
-                for i, batch in enumerate(train_data):
+            while not out_of_epochs() and not out_of_steps():
+                epoch_ended = False
+                group: list = []
+                for i, batch, is_last in lookahead(train_data):
                     if i < self.state.batch_in_epoch:
-                        continue  # continue mid-epoch where the last call stopped
-                    metrics = self.step(batch, val.next())
+                        continue  # continue mid-epoch where the last call (or checkpoint) stopped
+                    group.append(batch)
+                    if len(group) < k and not is_last:
+                        continue
+                    due = (self.state.step + 1) % self.search_config.selector_every == 0
+                    metrics = self._step(group, [val.next() for _ in group] if due else None)
+                    group = []
                     self.state.batch_in_epoch, self.state.val_position = i + 1, val.position
-                    steps += 1
+                    epoch_ended = is_last
+                    if epoch_ended:
+                        self.state.epoch += 1
+                        self.state.batch_in_epoch = 0
                     last = metrics
                     if self.state.step == 1 or self.state.step % self.logging_config.log_every == 0:
-                        logger.log_dict(metrics, self.state.step)
-                        last = None
+                        self._log_step(logger, metrics)
+                    if checkpoint_every and self.state.step % checkpoint_every == 0:
+                        self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(train=f"{metrics['loss/train']:.4f}", mean_rank=f"{metrics['rank/mean']:.1f}")
-                    # out of steps: stop, unless this was the epoch's last batch (then the epoch ends)
-                    if max_steps is not None and steps >= max_steps and i + 1 != n_batches:
-                        finished = False
+                        bar.set_postfix(self._postfix(metrics))
+                    if out_of_steps() or epoch_ended:
                         break
-                if finished:
+                if not epoch_ended and not out_of_steps():  # an empty epoch (nothing left to skip to)
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
-                    epochs_done += 1
         finally:
-            if last is not None:  # always log the last step
-                logger.log_dict(last, self.state.step)
+            if last is not None and self._logged_step != self.state.step:
+                self._log_step(logger, last)  # always log the last step
             if bar is not None:
                 bar.close()
+        self._log_summary(logger, last)
+        if checkpoint_dir is not None:
+            self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
         return self
+
+    @staticmethod
+    def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+        shown = {"train": "loss/train", "val": "loss/val", "mean_rank": "summary/mean_rank"}
+        return {k: f"{metrics[m]:.4g}" for k, m in shown.items() if m in metrics}
 
     def step(self, train_batch: object, val_batch: object) -> dict[str, float]:
         """One bilevel step on one train and one validation batch; returns its metrics.
 
         The train loss and its weight gradient are computed once at w_t; the selector
-        hypergradient (every ``selector_every`` steps) is computed at w_t reusing that gradient;
-        every loss and gradient is checked; then AdamW updates w and Adam updates the selectors.
+        hypergradient (every ``selector_every`` steps; otherwise ``val_batch`` is unused) is
+        computed at w_t reusing that gradient; every loss and gradient is checked; then AdamW
+        updates w and Adam updates the selectors.
         """
         self._check_searchable("step()")
+        due = (self.state.step + 1) % self.search_config.selector_every == 0
+        return self._step([train_batch], [val_batch] if due else None)
+
+    def _step(self, train_batches: list, val_batches: list | None) -> dict[str, float]:
         s = self.search_config
         step = self.state.step + 1
-        meta = self._meta(train_batch, val_batch, self.engine if step % s.selector_every == 0 else None)
-        self._check_finite(meta, step)
+        meta = self._meta(train_batches, val_batches, self.engine)
+        if self._guard(meta, step):
+            self.state.step = step
+            return self._metrics(meta, skipped=True)
         selector_grads = None
         if meta.hyper is not None:
             selector_grads = list(meta.hyper.selector_grads)
@@ -369,38 +498,162 @@ class AutoLoRATrainer:
         if selector_grads is not None:
             self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
         self.state.step = step
+        return self._metrics(meta)
+
+    def _metrics(self, meta: MetaGrads, skipped: bool = False) -> dict[str, float]:
         ranks = self.ranks()
-        metrics = {"loss/train": float(meta.train_loss)}
-        if meta.hyper is not None:
+        metrics = {} if skipped else {"loss/train": float(meta.train_loss)}
+        if meta.hyper is not None and not skipped:
             metrics["loss/val"] = float(meta.hyper.val_loss)
         metrics.update({f"rank/{n}": float(r) for n, r in ranks.items()})
-        metrics["rank/mean"] = sum(ranks.values()) / len(ranks)
-        metrics["rank/total"] = float(sum(ranks.values()))
+        metrics["summary/mean_rank"] = sum(ranks.values()) / max(len(ranks), 1)
+        metrics["summary/components"] = float(sum(ranks.values()))
+        metrics["summary/adapter_params"] = float(self.parameter_count(ranks)["adapter"])
+        metrics["summary/skipped_steps"] = float(self.state.skipped_steps)
+        if self.search_config.autocast == "fp16":
+            metrics["summary/loss_scale"] = self.state.loss_scale
+        if self.weight_optimizer is not None:
+            metrics["lr/weights"] = float(self.weight_optimizer.param_groups[0]["lr"])
+        if self.selector_optimizer is not None and self.plan is None:
+            metrics["lr/selectors"] = float(self.selector_optimizer.param_groups[0]["lr"])
         return metrics
 
-    def _check_finite(self, meta: MetaGrads, step: int) -> None:
-        checks = [("train loss", [meta.train_loss]), ("weight gradient", meta.weight_grads)]
-        if meta.hyper is not None:
-            checks += [
-                ("validation loss", [meta.hyper.val_loss]),
-                ("selector hypergradient", meta.hyper.selector_grads),
-            ]
-        for what, tensors in checks:
-            if not all(bool(torch.isfinite(t).all()) for t in tensors):
-                raise NonFiniteError(
-                    f"step {step}: the {what} is not finite (NaN or inf); no parameter was changed. "
-                    "Check that batch for bad values, or lower lr / selector_lr."
-                )
+    def _guard(self, meta: MetaGrads, step: int) -> bool:
+        """True if this step must be skipped; raises ``NonFiniteError`` unless skipping is on.
 
-    def _get_logger(self) -> Logger:
+        With float16 autocast, non-finite gradients under finite losses are a loss-scale
+        overflow: the step is skipped and the scale halved (as ``GradScaler`` does); after
+        ``FP16_GROWTH_INTERVAL`` good steps the scale doubles.
+        """
+        losses = [("train loss", [meta.train_loss])]
+        grads = [("weight gradient", meta.weight_grads)]
+        if meta.hyper is not None:
+            losses.append(("validation loss", [meta.hyper.val_loss]))
+            grads.append(("selector hypergradient", meta.hyper.selector_grads))
+        bad = [what for what, ts in losses + grads if not all(bool(torch.isfinite(t).all()) for t in ts)]
+        fp16 = self.search_config.autocast == "fp16"
+        if not bad:
+            if fp16:
+                self.state.good_steps += 1
+                if self.state.good_steps % FP16_GROWTH_INTERVAL == 0:
+                    self.state.loss_scale *= 2
+            return False
+        self.state.skipped_steps += 1
+        self.state.good_steps = 0
+        overflow = fp16 and not any(what.endswith("loss") for what in bad)
+        if overflow:
+            self.state.loss_scale = max(self.state.loss_scale / 2, 1.0)
+            return True
+        if self.search_config.skip_nonfinite:
+            return True
+        self.state.skipped_steps -= 1  # not skipped: the call stops here
+        raise NonFiniteError(
+            f"step {step}: the {' and the '.join(bad)} is not finite (NaN or inf); no parameter was changed. "
+            "Check that batch for bad values, lower lr / selector_lr, or pass skip_nonfinite=True to skip such steps."
+        )
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _fingerprint(self) -> dict:
+        """What a checkpoint must agree on to be resumed into this trainer (JSON-normalised)."""
+        adapters = {n: [a.rank, a.in_features, a.out_features] for n, a in self.adapters.items()}
+        return json.loads(
+            json.dumps(
+                {
+                    "model": type(self.model).__name__,
+                    "adapters": adapters,
+                    "weights": {n: list(p.shape) for n, p in zip(self.problem.weight_names, self.problem.weights)},
+                    "adapter_config": asdict(self.adapter_config),
+                    "search_config": asdict(self.search_config),
+                },
+                default=str,
+            )
+        )
+
+    def save_checkpoint(
+        self, directory: str | os.PathLike, keep: int = 3, *, call_start: tuple[int, int] | None = None
+    ) -> Path | None:
+        """Write a checkpoint of the search into ``directory`` (only on the main process).
+
+        ``call_start`` is the (step, epoch) at which the current ``fit`` call began, so that a
+        resumed call finishes the same budget.
+        """
+        path = None
+        if self.is_main_process:
+            tensors = {f"weight/{n}": p for n, p in zip(self.problem.weight_names, self.problem.weights)}
+            tensors |= {f"selector/{n}": b for n, b in zip(self.problem.selector_names, self.problem.selectors)}
+            state = {
+                "trainer": asdict(self.state),
+                "call_start": list(call_start or (self.state.step, self.state.epoch)),
+                "weight_optimizer": self.weight_optimizer.state_dict() if self.weight_optimizer else None,
+                "selector_optimizer": self.selector_optimizer.state_dict() if self.selector_optimizer else None,
+                "scheduler": None,  # the search runs at constant learning rates
+                "rng": checkpoint.rng_state(),
+            }
+            path = checkpoint.save(directory, self.state.step, tensors, state, self._fingerprint(), keep)
+        if self._dist is not None:
+            self._dist.barrier()
+        return path
+
+    def _restore(self, saved: checkpoint.Checkpoint) -> tuple[int, int]:
+        """Load a verified checkpoint into this trainer; returns its fit call's (step, epoch)."""
+        checkpoint.check_fingerprint(saved.fingerprint, self._fingerprint(), saved.path)
+        named = {f"weight/{n}": p for n, p in zip(self.problem.weight_names, self.problem.weights)}
+        named |= {f"selector/{n}": b for n, b in zip(self.problem.selector_names, self.problem.selectors)}
+        if set(named) != set(saved.tensors):
+            raise StateError(f"checkpoint {saved.path} holds other tensors than this trainer's adapters.")
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(saved.tensors[name])
+        if self.weight_optimizer is not None:
+            self.weight_optimizer.load_state_dict(saved.state["weight_optimizer"])
+        if self.selector_optimizer is not None:
+            self.selector_optimizer.load_state_dict(saved.state["selector_optimizer"])
+        self.state = TrainerState(**saved.state["trainer"])
+        checkpoint.set_rng_state(saved.state["rng"])
+        step, epoch = saved.state["call_start"]
+        return int(step), int(epoch)
+
+    # ----------------------------------------------------------------------------- logging
+    def _get_logger(self) -> LoggerBase:
         if self._logger is None:
             cfg = self.logging_config
-            self._logger = TensorBoardLogger(cfg.log_dir) if cfg.log_dir else NullLogger()
+            self._logger = make_logger(cfg.log_dir if self.is_main_process else None, cfg.loggers)
             self._logger.log_config({**asdict(self.adapter_config), **asdict(self.search_config)})
+            if self.adapters:
+                self._logger.log_layout(dashboard.custom_scalar_layout(list(self.adapters)))
         return self._logger
 
+    def _log_step(self, logger: LoggerBase, metrics: dict[str, float]) -> None:
+        """Scalars, each module's gate histogram and the rank heatmap at the current step."""
+        step = self.state.step
+        self._logged_step = step
+        logger.log_dict(metrics, step)
+        if isinstance(logger, NullLogger) or not self.adapters:
+            return
+        for name, g in self.gates().items():
+            logger.log_histogram(f"gates/{name}", g.float().cpu().tolist(), step)
+        fig = dashboard.rank_heatmap(self.ranks(), self.adapter_config.max_rank, f"ranks at step {step}")
+        logger.log_image("ranks/heatmap", dashboard.figure_to_array(fig), step)
+
+    def _log_summary(self, logger: LoggerBase, last: dict[str, float] | None) -> None:
+        """The end of a search: final gate heatmap, the rank table and the hyperparameters."""
+        if isinstance(logger, NullLogger) or not self.adapters:
+            return
+        step, ranks = self.state.step, self.ranks()
+        gates = {n: g.float().cpu().tolist() for n, g in self.gates().items()}
+        logger.log_image("gates/final", dashboard.figure_to_array(dashboard.gate_heatmap(gates)), step)
+        logger.log_text("rank_plan", dashboard.rank_table(ranks), step)
+        hparams = {**asdict(self.adapter_config), **asdict(self.search_config)}
+        final = {
+            "hparam/mean_rank": sum(ranks.values()) / len(ranks),
+            "hparam/adapter_params": float(self.parameter_count(ranks)["adapter"]),
+        }
+        if last and "loss/val" in last:
+            final["hparam/loss_val"] = last["loss/val"]
+        logger.log_hparams(hparams, final, step)
+
     def _progress(self, total: int | None):
-        if not (self.logging_config.progress and sys.stderr.isatty()):
+        if not (self.logging_config.progress and sys.stderr.isatty() and self.is_main_process):
             return None
         from tqdm.auto import tqdm
 
@@ -547,9 +800,9 @@ class AutoLoRATrainer:
         try:
             while step < total:
                 for i in torch.randperm(len(batches), generator=order).tolist():
-                    meta = self._meta(batches[i], None, engine=None)
-                    self._check_finite(meta, step + 1)
-                    self._apply(optimizer, self.problem.weights, meta.weight_grads)
+                    meta = self._meta([batches[i]], None, engine=None)
+                    if not self._guard(meta, step + 1):
+                        self._apply(optimizer, self.problem.weights, meta.weight_grads)
                     schedule.step()
                     step += 1
                     if step == 1 or step == total or step % self.logging_config.log_every == 0:

@@ -1,0 +1,160 @@
+"""Search checkpoints: adapter state only, written atomically, verified on load.
+
+A checkpoint is a folder ``step-<N>`` holding
+
+- ``adapter.safetensors``: every adapter weight, selector and ``modules_to_save`` parameter;
+- ``state.pt``: optimiser states, counters and RNG states (plain tensors, numbers, lists and
+  dicts only, loaded with ``torch.load(weights_only=True)``, so nothing is unpickled);
+- ``checkpoint.json``: the fingerprint of the model and config, and the SHA-256 of each file.
+
+It is written into a temporary folder and renamed into place, and ``checkpoint.json`` is written
+last, so a folder without it, or whose files do not match their hashes, is incomplete and
+skipped. The newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from autolora.errors import StateError
+
+MANIFEST = "checkpoint.json"
+TENSORS = "adapter.safetensors"
+STATE = "state.pt"
+PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one checkpoint holds."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    state: dict
+    fingerprint: dict
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states, as weights-only-loadable values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(s, i)
+
+
+def save(
+    directory: str | os.PathLike,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    state: dict,
+    fingerprint: dict,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` into ``directory`` atomically and keep the newest ``keep``."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+    torch.save(state, tmp / STATE)
+    manifest = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "sha256": {name: _sha256(tmp / name) for name in (TENSORS, STATE)},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if final.exists():  # the same step saved again (e.g. the end of a call after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders that have a manifest, oldest first (not yet verified)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify one checkpoint folder.
+
+    Raises:
+        StateError: if a file is missing, truncated or altered (hash mismatch), or unreadable.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        for name, digest in manifest["sha256"].items():
+            if _sha256(path / name) != digest:
+                raise StateError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256.")
+        tensors = load_file(str(path / TENSORS), device=str(map_location))
+        state = torch.load(path / STATE, map_location=map_location, weights_only=True)
+    except StateError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise StateError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}).") from None
+    return Checkpoint(int(manifest["step"]), tensors, state, manifest["fingerprint"], path)
+
+
+def latest(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt newer ones are skipped with a warning."""
+    for path in reversed(complete(directory)):
+        try:
+            return load(path, map_location)
+        except StateError as e:
+            warnings.warn(f"{e} Falling back to the previous checkpoint.", stacklevel=2)
+    return None
+
+
+def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
+    """Raise a ``StateError`` naming what differs between a checkpoint and this trainer."""
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs[:3])
+        raise StateError(
+            f"resume=True found checkpoint {path} from a different model or config ({detail}). "
+            "Point checkpoint_dir at a fresh folder, or restore the original model and settings."
+        )

@@ -49,7 +49,7 @@ def test_report_writes_markdown_and_decodable_pngs(tmp_path, export):
 
 
 def test_report_on_a_folder_without_a_run(tmp_path):
-    with pytest.raises(DataError, match="holds no metrics.jsonl"):
+    with pytest.raises(DataError, match=r"holds no metrics\.jsonl"):
         write_report(tmp_path)
 
 

@@ -431,21 +431,23 @@ class AutoLoRATrainer:
                     if len(group) < k and not is_last:
                         continue
                     due = (self.state.step + 1) % self.search_config.selector_every == 0
-                    metrics = self._step(group, [val.next() for _ in group] if due else None)
+                    losses = self._step(group, [val.next() for _ in group] if due else None)
                     group = []
                     self.state.batch_in_epoch, self.state.val_position = i + 1, val.position
                     epoch_ended = is_last
                     if epoch_ended:
                         self.state.epoch += 1
                         self.state.batch_in_epoch = 0
-                    last = metrics
-                    if self.state.step == 1 or self.state.step % self.logging_config.log_every == 0:
-                        self._log_step(logger, metrics)
+                    last = losses
+                    logged = self.state.step == 1 or self.state.step % self.logging_config.log_every == 0
+                    if logged:
+                        self._log_step(logger, self._metrics(losses))
                     if checkpoint_every and self.state.step % checkpoint_every == 0:
                         self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(self._postfix(metrics))
+                        if logged:
+                            bar.set_postfix(self._postfix(self._metrics(losses)))
                     if out_of_steps() or epoch_ended:
                         break
                 if not epoch_ended and not out_of_steps():  # an empty epoch (nothing left to skip to)
@@ -453,7 +455,7 @@ class AutoLoRATrainer:
                     self.state.batch_in_epoch = 0
         finally:
             if last is not None and self._logged_step != self.state.step:
-                self._log_step(logger, last)  # always log the last step
+                self._log_step(logger, self._metrics(last))  # always log the last step
             if bar is not None:
                 bar.close()
         self._log_summary(logger, last)
@@ -476,15 +478,16 @@ class AutoLoRATrainer:
         """
         self._check_searchable("step()")
         due = (self.state.step + 1) % self.search_config.selector_every == 0
-        return self._step([train_batch], [val_batch] if due else None)
+        return self._metrics(self._step([train_batch], [val_batch] if due else None))
 
     def _step(self, train_batches: list, val_batches: list | None) -> dict[str, float]:
+        """One step on micro-batches; returns its losses (empty for a skipped step)."""
         s = self.search_config
         step = self.state.step + 1
         meta = self._meta(train_batches, val_batches, self.engine)
         if self._guard(meta, step):
             self.state.step = step
-            return self._metrics(meta, skipped=True)
+            return {}
         selector_grads = None
         if meta.hyper is not None:
             selector_grads = list(meta.hyper.selector_grads)
@@ -498,13 +501,15 @@ class AutoLoRATrainer:
         if selector_grads is not None:
             self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
         self.state.step = step
-        return self._metrics(meta)
+        losses = {"loss/train": float(meta.train_loss)}
+        if meta.hyper is not None:
+            losses["loss/val"] = float(meta.hyper.val_loss)
+        return losses
 
-    def _metrics(self, meta: MetaGrads, skipped: bool = False) -> dict[str, float]:
+    def _metrics(self, losses: dict[str, float]) -> dict[str, float]:
+        """``losses`` plus ranks, counts and learning rates at the current state (for logging)."""
         ranks = self.ranks()
-        metrics = {} if skipped else {"loss/train": float(meta.train_loss)}
-        if meta.hyper is not None and not skipped:
-            metrics["loss/val"] = float(meta.hyper.val_loss)
+        metrics = dict(losses)
         metrics.update({f"rank/{n}": float(r) for n, r in ranks.items()})
         metrics["summary/mean_rank"] = sum(ranks.values()) / max(len(ranks), 1)
         metrics["summary/components"] = float(sum(ranks.values()))
@@ -530,7 +535,9 @@ class AutoLoRATrainer:
         if meta.hyper is not None:
             losses.append(("validation loss", [meta.hyper.val_loss]))
             grads.append(("selector hypergradient", meta.hyper.selector_grads))
-        bad = [what for what, ts in losses + grads if not all(bool(torch.isfinite(t).all()) for t in ts)]
+        checks = [(what, t) for what, ts in losses + grads for t in ts]
+        flags = torch.stack([torch.isfinite(t).all().cpu() for _, t in checks]).tolist()  # one device sync
+        bad = list(dict.fromkeys(what for (what, _), ok in zip(checks, flags) if not ok))
         fp16 = self.search_config.autocast == "fp16"
         if not bad:
             if fp16:
@@ -593,6 +600,19 @@ class AutoLoRATrainer:
         if self._dist is not None:
             self._dist.barrier()
         return path
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Load the newest good checkpoint in ``directory`` (adapters, optimisers, counters, RNG).
+
+        Raises:
+            StateError: if there is none, or it is from another model or config.
+        """
+        self._check_searchable("load_checkpoint()")
+        saved = checkpoint.latest(directory, map_location=self.device)
+        if saved is None:
+            raise StateError(f"no complete checkpoint in {str(directory)!r}; fit(..., checkpoint_dir=...) writes them.")
+        self._restore(saved)
+        return saved.path
 
     def _restore(self, saved: checkpoint.Checkpoint) -> tuple[int, int]:
         """Load a verified checkpoint into this trainer; returns its fit call's (step, epoch)."""

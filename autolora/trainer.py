@@ -536,7 +536,7 @@ class AutoLoRATrainer:
             losses.append(("validation loss", [meta.hyper.val_loss]))
             grads.append(("selector hypergradient", meta.hyper.selector_grads))
         checks = [(what, t) for what, ts in losses + grads for t in ts]
-        flags = torch.stack([torch.isfinite(t).all().cpu() for _, t in checks]).tolist()  # one device sync
+        flags = torch.stack([torch.isfinite(t).all().to(self.device) for _, t in checks]).tolist()  # one sync
         bad = list(dict.fromkeys(what for (what, _), ok in zip(checks, flags) if not ok))
         fp16 = self.search_config.autocast == "fp16"
         if not bad:

@@ -58,9 +58,9 @@ class _GradModule(nn.Module):
         super().__init__()
         self.inner = loss_module
 
-    def forward(self, batch, inputs, weight: float, create_graph: bool):
+    def forward(self, batch, inputs, weight: float, create_graph: bool, retain_graph: bool):
         loss = self.inner(batch)
-        return loss, grads_or_zeros(loss * weight, inputs, create_graph=create_graph, retain_graph=create_graph)
+        return loss, grads_or_zeros(loss * weight, inputs, create_graph=create_graph, retain_graph=retain_graph)
 
 
 @dataclass
@@ -119,14 +119,17 @@ class Bilevel:
         scale = float(self.loss_scale)
         total: torch.Tensor | None = None
         summed: list[torch.Tensor] | None = None
-        for batch in batches:
+        # fast weights that carry a graph (the unrolled step) are shared by every micro-batch
+        shared_graph = weights is not None and any(w.grad_fn is not None for w in weights)
+        for i, batch in enumerate(batches):
+            retain = create_graph or (shared_graph and i + 1 < k)
             if weights is None:
                 loss = self.module(batch)
-                grads = grads_or_zeros(loss * (scale / k), inputs, create_graph=create_graph, retain_graph=create_graph)
+                grads = grads_or_zeros(loss * (scale / k), inputs, create_graph=create_graph, retain_graph=retain)
             else:
                 params = dict(zip(self._grad_keys, weights))
                 loss, grads = functional_call(
-                    self._grad_module, params, (batch, list(inputs), scale / k, create_graph), strict=False
+                    self._grad_module, params, (batch, list(inputs), scale / k, create_graph, retain), strict=False
                 )
             loss = loss if create_graph else loss.detach()
             total = loss / k if total is None else total + loss / k

@@ -1,6 +1,7 @@
 """The ``autolora`` command end to end on the tiny config, and config validation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,7 +55,7 @@ def test_train_export_report_end_to_end(tmp_path, capsys):
 
 
 def _raw(**changes):
-    raw = yaml.safe_load(open(TINY).read())
+    raw = yaml.safe_load(Path(TINY).read_text())
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         node = raw
@@ -95,7 +96,7 @@ def test_yaml_exponents_and_overrides():
     }
     cfg, _ = load_config(TINY, ["search.max_rank=2", "search.target_modules=[query]"])
     assert (cfg.adapter.max_rank, cfg.adapter.target_modules) == (2, ("query",))
-    with pytest.raises(ConfigError, match="must look like section.key=value"):
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         parse_overrides(["search.max_rank"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_config("configs/nope.yaml")

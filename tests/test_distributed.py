@@ -1,0 +1,114 @@
+"""Data-parallel search: 2 gloo processes launched by torch.distributed.run on CPU."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from autolora import AutoLoRATrainer
+from tests.conftest import MLP, mlp_batches, mlp_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from safetensors.torch import save_file
+    from autolora import AutoLoRATrainer, AutoLoRAError
+    from tests.conftest import MLP, mlp_batches, mlp_loss
+
+    out, engine, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    rank = int(os.environ["RANK"])
+    train, val = mlp_batches(6, size=4, seed=5), mlp_batches(4, size=4, seed=6)
+    # each process passes its own shard: every other batch
+    train, val = train[rank::2], val[rank::2]
+    if mode == "unequal" and rank == 1:
+        train = train[:-1]
+    torch.manual_seed(0)
+    t = AutoLoRATrainer(MLP(), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                        loss_fn=mlp_loss, hypergrad=engine, selector_lr=0.1, seed=2, log_dir=out + "/logs",
+                        loggers=["jsonl"], log_every=1)
+    try:
+        t.fit(train, val, epochs=2, checkpoint_dir=out + "/ckpt")
+    except AutoLoRAError as e:
+        print(f"rank {{rank}}: {{type(e).__name__}}: {{e}}", file=sys.stderr)
+        sys.exit(3)
+    state = {{n: p.detach().contiguous() for n, p in t.model.named_parameters() if p.requires_grad}}
+    save_file(state, f"{{out}}/rank{{rank}}.safetensors")
+    """
+)
+
+
+def _launch(tmp_path, engine, mode="equal"):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return subprocess.run([*cmd, str(tmp_path), engine, mode], capture_output=True, text=True, timeout=300)
+
+
+def _single_process(engine):
+    train, val = mlp_batches(6, size=4, seed=5), mlp_batches(4, size=4, seed=6)
+
+    def union(batches):  # the batch each data-parallel step sees across both processes
+        return [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(batches[0::2], batches[1::2])]
+
+    torch.manual_seed(0)
+    t = AutoLoRATrainer(
+        MLP(),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        modules_to_save=["head"],
+        loss_fn=mlp_loss,
+        hypergrad=engine,
+        selector_lr=0.1,
+        seed=2,
+    )
+    init = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    t.fit(union(train), union(val), epochs=2)
+    return t, init
+
+
+@pytest.mark.parametrize("engine", ["first_order", "darts"])
+def test_two_processes_equal_the_single_process_maths(tmp_path, engine):
+    result = _launch(tmp_path, engine)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    ref, init = _single_process(engine)
+    expected = {n: p.detach() for n, p in ref.model.named_parameters() if p.requires_grad}
+    assert r0.keys() == expected.keys() and any("selector" in n for n in r0)
+    for n in r0:
+        assert torch.equal(r0[n], r1[n]), n  # identical on every process
+        assert torch.allclose(r0[n], expected[n], atol=1e-6, rtol=1e-5), n  # = one process on the union
+    assert any(not torch.equal(r0[n], init[n]) for n in r0 if "selector" in n)  # the selectors moved
+    # only the main process logged and checkpointed
+    records = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    scalar_steps = [r["step"] for r in records if "kind" not in r]
+    assert scalar_steps == list(range(1, 7))  # once per step, not once per process
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000006"]
+
+
+def test_unequal_shards_are_a_clear_error_not_a_hang(tmp_path):
+    result = _launch(tmp_path, "first_order", mode="unequal")
+    assert result.returncode != 0
+    assert "different number of batches on each process ([3, 2])" in result.stderr
+
+
+def test_unrolled_is_refused_under_data_parallelism(tmp_path):
+    result = _launch(tmp_path, "unrolled")
+    assert result.returncode != 0
+    assert "not supported with data parallelism" in result.stderr
+
+
+def test_single_process_without_launcher_does_not_initialise(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    t = AutoLoRATrainer(MLP(), max_rank=2, target_modules=["fc1"], loss_fn=mlp_loss)
+    t.fit(mlp_batches(3), max_steps=1)
+    assert t.is_main_process and not torch.distributed.is_initialized()

@@ -83,7 +83,7 @@ def build(cfg: RunConfig, run_dir: Path, num_labels: int):
 
     path = resolve_model_path(cfg.model.name_or_path)
     torch.manual_seed(cfg.seed)  # the classifier head's init
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(pick_device(cfg.model.device))
     logging = cfg.logging.__class__(**{**cfg.logging.__dict__, "log_dir": str(run_dir / LOGS)})

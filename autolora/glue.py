@@ -157,7 +157,7 @@ def evaluate(model, batches, metric: str = "accuracy") -> float:
             preds.append(logits.squeeze(-1) if metric == "pearson" else logits.argmax(-1))
             golds.append(batch["labels"])
     model.train(was_training)
-    p, g = torch.cat(preds).float().cpu(), torch.cat(golds).float()
+    p, g = torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
     if metric == "pearson":
         return float(torch.corrcoef(torch.stack([p, g]))[0, 1])
     if metric == "mcc":

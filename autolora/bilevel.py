@@ -58,8 +58,9 @@ class _GradModule(nn.Module):
         super().__init__()
         self.inner = loss_module
 
-    def forward(self, batch, inputs, weight: float, create_graph: bool, retain_graph: bool):
-        loss = self.inner(batch)
+    def forward(self, batch, inputs, weight: float, create_graph: bool, retain_graph: bool, autocast):
+        with autocast():
+            loss = self.inner(batch)
         return loss, grads_or_zeros(loss * weight, inputs, create_graph=create_graph, retain_graph=retain_graph)
 
 
@@ -82,6 +83,7 @@ class Bilevel:
     selectors: tuple[nn.Parameter, ...]
     loss_scale: float = 1.0
     reducer: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __post_init__(self) -> None:
         self._keys = tuple("model." + n for n in self.weight_names)
@@ -94,9 +96,10 @@ class Bilevel:
 
     def loss(self, batch: object, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The loss on ``batch`` at the model's weights, or at fast ``weights`` (same order)."""
-        if weights is None:
-            return self.module(batch)
-        return functional_call(self.module, dict(zip(self._keys, weights)), (batch,), strict=False)
+        with self.autocast():
+            if weights is None:
+                return self.module(batch)
+            return functional_call(self.module, dict(zip(self._keys, weights)), (batch,), strict=False)
 
     def value_and_grad(
         self,
@@ -124,12 +127,16 @@ class Bilevel:
         for i, batch in enumerate(batches):
             retain = create_graph or (shared_graph and i + 1 < k)
             if weights is None:
-                loss = self.module(batch)
+                with self.autocast():  # mixed precision for the forward only; backward follows its dtypes
+                    loss = self.module(batch)
                 grads = grads_or_zeros(loss * (scale / k), inputs, create_graph=create_graph, retain_graph=retain)
             else:
                 params = dict(zip(self._grad_keys, weights))
                 loss, grads = functional_call(
-                    self._grad_module, params, (batch, list(inputs), scale / k, create_graph, retain), strict=False
+                    self._grad_module,
+                    params,
+                    (batch, list(inputs), scale / k, create_graph, retain, self.autocast),
+                    strict=False,
                 )
             loss = loss if create_graph else loss.detach()
             total = loss / k if total is None else total + loss / k

@@ -23,6 +23,7 @@ and returns the selector gradients plus the validation loss it saw.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,11 +53,13 @@ class Engine:
         second_order: Differentiates through a gradient (double backward), so it runs with
             math attention.
         graph_train_grads: Needs the step's train gradient built with ``create_graph=True``.
+        replays_train_pass: Re-runs the train forward and needs its RNG state (dropout masks).
     """
 
     fn: EngineFn
     second_order: bool
     graph_train_grads: bool
+    replays_train_pass: bool = False
 
 
 def _first_order(problem: Bilevel, train_batches, val_batches, train_grads, **_) -> Hypergrad:
@@ -70,17 +73,17 @@ def _darts(
     n = len(problem.weights)
     with torch.no_grad():
         w = [p.detach() for p in problem.weights]
-        w_virtual = [(p - xi * g).requires_grad_() for p, g in zip(w, train_grads)]
+        w_virtual = [x.requires_grad_() for x in torch._foreach_add(w, list(train_grads), alpha=-xi)]
     val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
-    v, direct = grads[:n], grads[n:]
-    norm = torch.sqrt(sum((x.double() ** 2).sum() for x in v))
-    if xi == 0 or not torch.isfinite(norm) or norm == 0:
+    v, direct = list(grads[:n]), grads[n:]
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)).double()))  # the one sync
+    if xi == 0 or not math.isfinite(norm) or norm == 0:
         return Hypergrad(direct, val_loss)
-    eps = float(fd_epsilon / norm)
+    eps = fd_epsilon / norm
 
     def train_selector_grads(sign: float) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            w_shift = [p + sign * eps * d for p, d in zip(w, v)]
+            w_shift = torch._foreach_add(w, v, alpha=sign * eps)
         with train_rng.replay():  # the same dropout masks as the train step's gradient
             return problem.value_and_grad(train_batches, problem.selectors, w_shift)[1]
 
@@ -119,10 +122,11 @@ def _higher(
     # selectors stay connected (the default would detach them and their gradient is None).
     with higher.innerloop_ctx(problem.module, sgd, copy_initial_weights=False, track_higher_grads=True) as (fmod, dopt):
         try:
-            with train_rng.replay():  # the same dropout masks as the weight step's train pass
+            with train_rng.replay(), problem.autocast():  # the weight step's dropout masks
                 train_loss = fmod(train_batch)
             dopt.step(train_loss)
-            val_loss = fmod(val_batch)
+            with problem.autocast():
+                val_loss = fmod(val_batch)
         except TypeError as e:
             if "MonkeyPatched" not in str(e):
                 raise
@@ -139,10 +143,10 @@ def _higher(
 
 ENGINES: dict[str, Engine] = {
     "first_order": Engine(_first_order, second_order=False, graph_train_grads=False),
-    "darts": Engine(_darts, second_order=False, graph_train_grads=False),
+    "darts": Engine(_darts, second_order=False, graph_train_grads=False, replays_train_pass=True),
     "unrolled": Engine(_unrolled, second_order=True, graph_train_grads=True),
     # higher takes its own differentiable step, so the step's gradient needs no graph
-    "higher": Engine(_higher, second_order=True, graph_train_grads=False),
+    "higher": Engine(_higher, second_order=True, graph_train_grads=False, replays_train_pass=True),
 }
 
 
@@ -179,7 +183,8 @@ def meta_gradients(
     """
     second_order = engine is not None and engine.second_order
     graph = engine is not None and engine.graph_train_grads
-    train_rng = RngSnapshot(list({p.device for p in problem.weights}))
+    replays = engine is not None and engine.replays_train_pass
+    train_rng = RngSnapshot(list({p.device for p in problem.weights})) if replays else None
     with math_attention() if second_order else contextlib.nullcontext():
         train_loss, weight_grads = problem.value_and_grad(train_batches, problem.weights, create_graph=graph)
         hyper = None

@@ -15,7 +15,7 @@ from autolora.errors import ConfigError
 
 # A relative slack on thresholds, so that float rounding of uniform gates (exactly 1/r in exact
 # arithmetic) never drops a component that sits on the threshold.
-_THRESHOLD_RTOL = 1e-6
+THRESHOLD_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def threshold_keep(
     for name, g in gates.items():
         t = thresholds[name]
         order = _order(g)
-        n_pass = int((g >= t * (1 - _THRESHOLD_RTOL)).sum())
+        n_pass = int((g >= t * (1 - THRESHOLD_RTOL)).sum())
         hi = len(order) if max_rank_per_module is None else max_rank_per_module
         n = min(max(n_pass, min(min_rank, len(order))), hi)
         keep[name] = sorted(order[:n])

@@ -32,7 +32,7 @@ from autolora.inject import (
 )
 from autolora.layers import GatedLoRALinear, layer_dims
 from autolora.loggers import LoggerBase, NullLogger, make_logger
-from autolora.prune import PrunePlan, adapter_parameters, budget_keep, threshold_keep
+from autolora.prune import THRESHOLD_RTOL, PrunePlan, adapter_parameters, budget_keep, threshold_keep
 
 
 @dataclass
@@ -158,6 +158,7 @@ class AutoLoRATrainer:
             )
 
         self.adapters: dict[str, GatedLoRALinear] = inject_adapters(model, names, make)
+        self._shapes = {n: layer_dims(a.base_layer) for n, a in self.adapters.items()}  # kept after pruning
         # the modules_to_save as they started, so retrain() can start them over too
         self._saved_init = {
             n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
@@ -244,17 +245,26 @@ class AutoLoRATrainer:
         0.5 for sigmoid), at least 1. After pruning: the physical rank, 0 for removed modules."""
         if self.plan is not None:
             return {n: len(self.plan.keep[n]) for n in self.plan.keep}
-        keep = threshold_keep(self.gates(), self._thresholds(), min_rank=1)
-        return {n: len(k) for n, k in keep.items()}
+        if not self.adapters:
+            return {}
+        # on the device, one sync for all layers (the same rule as threshold_keep, min_rank 1)
+        counts = torch.stack(
+            [
+                (a.gates().detach() >= t * (1 - THRESHOLD_RTOL)).sum().clamp_min(1)
+                for a, t in zip(self.adapters.values(), self._thresholds().values())
+            ]
+        ).tolist()
+        return dict(zip(self.adapters, counts))
 
     def parameter_count(self, ranks: dict[str, int] | None = None) -> dict[str, int]:
         """Adapter parameters under ``ranks`` (default: ``ranks()``), and those of a uniform LoRA
         with the same number of components spread evenly (rounded to the nearest rank)."""
         ranks = self.ranks() if ranks is None else ranks
-        shapes = {
-            n: layer_dims(self.model.get_submodule(n).base_layer if n in self.adapters else self.model.get_submodule(n))
-            for n in ranks
-        }
+        shapes = self._shapes
+        if not set(ranks) <= set(shapes):
+            raise ConfigError(
+                f"parameter_count() got modules that are not adapted: {sorted(set(ranks) - set(shapes))}."
+            )
         uniform_r = round(sum(ranks.values()) / max(len(ranks), 1))
         return {
             "adapter": adapter_parameters(shapes, ranks),
@@ -292,12 +302,12 @@ class AutoLoRATrainer:
         batches) computes the weight gradient only."""
         s = self.search_config
         self.problem.loss_scale = self.state.loss_scale
+        self.problem.autocast = self._autocast
         train = [to_device(b, self.device) for b in train_batches]
         val = [to_device(b, self.device) for b in val_batches] if val_batches is not None else None
-        with self._autocast():
-            return meta_gradients(
-                self.problem, engine if val is not None else None, train, val, xi=s.xi, fd_epsilon=s.fd_epsilon
-            )
+        return meta_gradients(
+            self.problem, engine if val is not None else None, train, val, xi=s.xi, fd_epsilon=s.fd_epsilon
+        )
 
     @staticmethod
     def _apply(optimizer: torch.optim.Optimizer, params, grads) -> None:

@@ -73,8 +73,14 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     parameters = {"adapter": int(last.get("summary/adapter_params", 0))}
     ranks_path = _find(run_dir, "ranks.json")
     if ranks_path is not None:
-        record = json.loads(ranks_path.read_text())
-        ranks, gates = record["ranks"], record.get("gates", gates)
+        try:
+            record = json.loads(ranks_path.read_text())
+            ranks, gates = record["ranks"], record.get("gates", gates)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{ranks_path} is corrupt or truncated ({type(e).__name__}: {e}); re-export the adapter "
+                "(trainer.export or `autolora export RUN_DIR`), or delete the file to report from metrics.jsonl."
+            ) from None
         parameters = record.get("parameters", parameters)
     if not ranks:
         raise DataError(f"{metrics_path} has no rank/<module> scalars; was the search run with log_dir set?")

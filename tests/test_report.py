@@ -58,3 +58,11 @@ def test_report_tolerates_a_truncated_last_line(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 99, "rank/x')
     assert write_report(tmp_path).is_file()
+
+
+def test_report_names_a_corrupt_ranks_file(tmp_path):
+    _run(tmp_path, export=True)
+    ranks = tmp_path / "adapter" / "ranks.json"
+    ranks.write_text(ranks.read_text()[:40])  # truncated
+    with pytest.raises(DataError, match=r"ranks\.json is corrupt or truncated"):
+        write_report(tmp_path)

@@ -118,6 +118,9 @@ def main() -> None:
         **counts,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from autolora.report import write_report
+
+    print(f"rank report: {write_report(out)} (TensorBoard: tensorboard --logdir {out / 'logs'})")
 
 
 if __name__ == "__main__":

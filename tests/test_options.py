@@ -92,7 +92,7 @@ def test_gradient_checkpointing_gives_the_same_hypergradient():
     ckpt = AutoLoRATrainer(
         bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts", gradient_checkpointing=True
     )
-    assert ckpt.model.is_gradient_checkpointing and ckpt.model.training
+    assert ckpt.model.training and any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
     plain.fit(batches, batches, max_steps=1)
     ckpt.fit(batches, batches, max_steps=1)
     a, b = plain.hypergradient(*batches), ckpt.hypergradient(*batches)

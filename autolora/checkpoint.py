@@ -20,14 +20,19 @@ import os
 import random
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from autolora.errors import StateError
+from autolora.state import TrainerState
+
+if TYPE_CHECKING:
+    from autolora.trainer import AutoLoRATrainer
 
 MANIFEST = "checkpoint.json"
 TENSORS = "adapter.safetensors"
@@ -158,3 +163,61 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
             f"resume=True found checkpoint {path} from a different model or config ({detail}). "
             "Point checkpoint_dir at a fresh folder, or restore the original model and settings."
         )
+
+
+def _named(trainer: AutoLoRATrainer) -> dict[str, torch.Tensor]:
+    """The trainer's adapter state by checkpoint key: weights and selectors, never the base."""
+    p = trainer.problem
+    named = {f"weight/{n}": w for n, w in zip(p.weight_names, p.weights)}
+    return named | {f"selector/{n}": b for n, b in zip(p.selector_names, p.selectors)}
+
+
+def fingerprint(trainer: AutoLoRATrainer) -> dict:
+    """What a checkpoint must agree on to be resumed into ``trainer`` (JSON-normalised)."""
+    p = trainer.problem
+    record = {
+        "model": type(trainer.model).__name__,
+        "adapters": {n: [a.rank, a.in_features, a.out_features] for n, a in trainer.adapters.items()},
+        "weights": {n: list(w.shape) for n, w in zip(p.weight_names, p.weights)},
+        "adapter_config": asdict(trainer.adapter_config),
+        "search_config": asdict(trainer.search_config),
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
+def capture(trainer: AutoLoRATrainer, call_start: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of ``trainer`` for :func:`save`; ``call_start`` is the (step, epoch) at
+    which the current ``fit`` call began, so a resumed call finishes the same budget."""
+    weight_opt, selector_opt = trainer.weight_optimizer, trainer.selector_optimizer
+    state = {
+        "trainer": asdict(trainer.state),
+        "call_start": list(call_start),
+        "weight_optimizer": weight_opt.state_dict() if weight_opt else None,
+        "selector_optimizer": selector_opt.state_dict() if selector_opt else None,
+        "scheduler": None,  # the search runs at constant learning rates
+        "rng": rng_state(),
+    }
+    return _named(trainer), state
+
+
+def restore(trainer: AutoLoRATrainer, saved: Checkpoint) -> tuple[int, int]:
+    """Load a verified checkpoint into ``trainer``; returns its fit call's (step, epoch).
+
+    Raises:
+        StateError: if the checkpoint is from another model or config.
+    """
+    check_fingerprint(saved.fingerprint, fingerprint(trainer), saved.path)
+    named = _named(trainer)
+    if set(named) != set(saved.tensors):
+        raise StateError(f"checkpoint {saved.path} holds other tensors than this trainer's adapters.")
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(saved.tensors[name])
+    if trainer.weight_optimizer is not None:
+        trainer.weight_optimizer.load_state_dict(saved.state["weight_optimizer"])
+    if trainer.selector_optimizer is not None:
+        trainer.selector_optimizer.load_state_dict(saved.state["selector_optimizer"])
+    trainer.state = TrainerState(**saved.state["trainer"])
+    set_rng_state(saved.state["rng"])
+    step, epoch = saved.state["call_start"]
+    return int(step), int(epoch)

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from autolora.loggers import LoggerBase, NullLogger
+
+if TYPE_CHECKING:
+    from autolora.trainer import AutoLoRATrainer
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -168,3 +174,33 @@ def figure_to_array(fig) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_step(logger: LoggerBase, trainer: AutoLoRATrainer, metrics: Mapping[str, float]) -> None:
+    """Scalars, each module's gate histogram and the rank heatmap at the trainer's step."""
+    step = trainer.state.step
+    logger.log_dict(metrics, step)
+    if isinstance(logger, NullLogger) or not trainer.adapters:
+        return
+    for name, g in trainer.gates().items():
+        logger.log_histogram(f"gates/{name}", g.float().cpu().tolist(), step)
+    fig = rank_heatmap(trainer.ranks(), trainer.adapter_config.max_rank, f"ranks at step {step}")
+    logger.log_image("ranks/heatmap", figure_to_array(fig), step)
+
+
+def log_summary(logger: LoggerBase, trainer: AutoLoRATrainer, last: Mapping[str, float] | None) -> None:
+    """The end of a search: final gate heatmap, the rank table and the hyperparameters."""
+    if isinstance(logger, NullLogger) or not trainer.adapters:
+        return
+    step, ranks = trainer.state.step, trainer.ranks()
+    gates = {n: g.float().cpu().tolist() for n, g in trainer.gates().items()}
+    logger.log_image("gates/final", figure_to_array(gate_heatmap(gates)), step)
+    logger.log_text("rank_plan", rank_table(ranks), step)
+    hparams = {**asdict(trainer.adapter_config), **asdict(trainer.search_config)}
+    final = {
+        "hparam/mean_rank": sum(ranks.values()) / len(ranks),
+        "hparam/adapter_params": float(trainer.parameter_count(ranks)["adapter"]),
+    }
+    if last and "loss/val" in last:
+        final["hparam/loss_val"] = last["loss/val"]
+    logger.log_hparams(hparams, final, step)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,9 +17,10 @@ from autolora.bilevel import Bilevel, LossFn, _LossModule, default_loss
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
 from autolora.data import Cycle, check_nonempty, check_reiterable, lookahead, split_batches, to_device
 from autolora.distributed import DistContext, init_distributed
-from autolora.errors import ConfigError, NonFiniteError, StateError
+from autolora.errors import ConfigError, StateError
 from autolora.export import adapter_files, merged_model, write_adapter, write_merged
 from autolora.gates import default_threshold, sparsity_penalty
+from autolora.guard import check_step
 from autolora.hypergrad import Engine, MetaGrads, get_engine, meta_gradients
 from autolora.inject import (
     check_rank_fits,
@@ -31,25 +31,9 @@ from autolora.inject import (
     resolve_targets,
 )
 from autolora.layers import GatedLoRALinear, layer_dims
-from autolora.loggers import LoggerBase, NullLogger, make_logger
+from autolora.loggers import LoggerBase, make_logger
 from autolora.prune import THRESHOLD_RTOL, PrunePlan, adapter_parameters, budget_keep, threshold_keep
-
-
-@dataclass
-class TrainerState:
-    """Counters that let ``fit`` continue where it stopped."""
-
-    step: int = 0  # weight steps taken (skipped ones included)
-    epoch: int = 0  # epochs completed
-    batch_in_epoch: int = 0  # train batches consumed in the current epoch
-    val_position: int = 0  # validation batches consumed in the current cycle
-    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (or fp16 overflow)
-    loss_scale: float = 1.0  # the dynamic float16 loss scale (1 without fp16 autocast)
-    good_steps: int = 0  # steps since the loss scale last changed
-
-
-FP16_INIT_SCALE = 2.0**16
-FP16_GROWTH_INTERVAL = 2000
+from autolora.state import FP16_INIT_SCALE, TrainerState
 
 
 class AutoLoRATrainer:
@@ -408,7 +392,7 @@ class AutoLoRATrainer:
         if resume:
             saved = checkpoint.latest(checkpoint_dir, map_location=self.device)
             if saved is not None:
-                start = self._restore(saved)
+                start = checkpoint.restore(self, saved)
         val = Cycle(val_data)
         val.position = self.state.val_position
         logger = self._get_logger()
@@ -468,7 +452,7 @@ class AutoLoRATrainer:
                 self._log_step(logger, self._metrics(last))  # always log the last step
             if bar is not None:
                 bar.close()
-        self._log_summary(logger, last)
+        dashboard.log_summary(logger, self, last)
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
         return self
@@ -534,58 +518,11 @@ class AutoLoRATrainer:
         return metrics
 
     def _guard(self, meta: MetaGrads, step: int) -> bool:
-        """True if this step must be skipped; raises ``NonFiniteError`` unless skipping is on.
-
-        With float16 autocast, non-finite gradients under finite losses are a loss-scale
-        overflow: the step is skipped and the scale halved (as ``GradScaler`` does); after
-        ``FP16_GROWTH_INTERVAL`` good steps the scale doubles.
-        """
-        losses = [("train loss", [meta.train_loss])]
-        grads = [("weight gradient", meta.weight_grads)]
-        if meta.hyper is not None:
-            losses.append(("validation loss", [meta.hyper.val_loss]))
-            grads.append(("selector hypergradient", meta.hyper.selector_grads))
-        checks = [(what, t) for what, ts in losses + grads for t in ts]
-        flags = torch.stack([torch.isfinite(t).all().to(self.device) for _, t in checks]).tolist()  # one sync
-        bad = list(dict.fromkeys(what for (what, _), ok in zip(checks, flags) if not ok))
-        fp16 = self.search_config.autocast == "fp16"
-        if not bad:
-            if fp16:
-                self.state.good_steps += 1
-                if self.state.good_steps % FP16_GROWTH_INTERVAL == 0:
-                    self.state.loss_scale *= 2
-            return False
-        self.state.skipped_steps += 1
-        self.state.good_steps = 0
-        overflow = fp16 and not any(what.endswith("loss") for what in bad)
-        if overflow:
-            self.state.loss_scale = max(self.state.loss_scale / 2, 1.0)
-            return True
-        if self.search_config.skip_nonfinite:
-            return True
-        self.state.skipped_steps -= 1  # not skipped: the call stops here
-        raise NonFiniteError(
-            f"step {step}: the {' and the '.join(bad)} is not finite (NaN or inf); no parameter was changed. "
-            "Check that batch for bad values, lower lr / selector_lr, or pass skip_nonfinite=True to skip such steps."
-        )
+        """True if this step must be skipped (see :func:`autolora.guard.check_step`)."""
+        s = self.search_config
+        return check_step(meta, step, self.state, fp16=s.autocast == "fp16", skip=s.skip_nonfinite)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _fingerprint(self) -> dict:
-        """What a checkpoint must agree on to be resumed into this trainer (JSON-normalised)."""
-        adapters = {n: [a.rank, a.in_features, a.out_features] for n, a in self.adapters.items()}
-        return json.loads(
-            json.dumps(
-                {
-                    "model": type(self.model).__name__,
-                    "adapters": adapters,
-                    "weights": {n: list(p.shape) for n, p in zip(self.problem.weight_names, self.problem.weights)},
-                    "adapter_config": asdict(self.adapter_config),
-                    "search_config": asdict(self.search_config),
-                },
-                default=str,
-            )
-        )
-
     def save_checkpoint(
         self, directory: str | os.PathLike, keep: int = 3, *, call_start: tuple[int, int] | None = None
     ) -> Path | None:
@@ -596,17 +533,8 @@ class AutoLoRATrainer:
         """
         path = None
         if self.is_main_process:
-            tensors = {f"weight/{n}": p for n, p in zip(self.problem.weight_names, self.problem.weights)}
-            tensors |= {f"selector/{n}": b for n, b in zip(self.problem.selector_names, self.problem.selectors)}
-            state = {
-                "trainer": asdict(self.state),
-                "call_start": list(call_start or (self.state.step, self.state.epoch)),
-                "weight_optimizer": self.weight_optimizer.state_dict() if self.weight_optimizer else None,
-                "selector_optimizer": self.selector_optimizer.state_dict() if self.selector_optimizer else None,
-                "scheduler": None,  # the search runs at constant learning rates
-                "rng": checkpoint.rng_state(),
-            }
-            path = checkpoint.save(directory, self.state.step, tensors, state, self._fingerprint(), keep)
+            tensors, state = checkpoint.capture(self, call_start or (self.state.step, self.state.epoch))
+            path = checkpoint.save(directory, self.state.step, tensors, state, checkpoint.fingerprint(self), keep)
         if self._dist is not None:
             self._dist.barrier()
         return path
@@ -621,27 +549,8 @@ class AutoLoRATrainer:
         saved = checkpoint.latest(directory, map_location=self.device)
         if saved is None:
             raise StateError(f"no complete checkpoint in {str(directory)!r}; fit(..., checkpoint_dir=...) writes them.")
-        self._restore(saved)
+        checkpoint.restore(self, saved)
         return saved.path
-
-    def _restore(self, saved: checkpoint.Checkpoint) -> tuple[int, int]:
-        """Load a verified checkpoint into this trainer; returns its fit call's (step, epoch)."""
-        checkpoint.check_fingerprint(saved.fingerprint, self._fingerprint(), saved.path)
-        named = {f"weight/{n}": p for n, p in zip(self.problem.weight_names, self.problem.weights)}
-        named |= {f"selector/{n}": b for n, b in zip(self.problem.selector_names, self.problem.selectors)}
-        if set(named) != set(saved.tensors):
-            raise StateError(f"checkpoint {saved.path} holds other tensors than this trainer's adapters.")
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(saved.tensors[name])
-        if self.weight_optimizer is not None:
-            self.weight_optimizer.load_state_dict(saved.state["weight_optimizer"])
-        if self.selector_optimizer is not None:
-            self.selector_optimizer.load_state_dict(saved.state["selector_optimizer"])
-        self.state = TrainerState(**saved.state["trainer"])
-        checkpoint.set_rng_state(saved.state["rng"])
-        step, epoch = saved.state["call_start"]
-        return int(step), int(epoch)
 
     # ----------------------------------------------------------------------------- logging
     def _get_logger(self) -> LoggerBase:
@@ -654,33 +563,8 @@ class AutoLoRATrainer:
         return self._logger
 
     def _log_step(self, logger: LoggerBase, metrics: dict[str, float]) -> None:
-        """Scalars, each module's gate histogram and the rank heatmap at the current step."""
-        step = self.state.step
-        self._logged_step = step
-        logger.log_dict(metrics, step)
-        if isinstance(logger, NullLogger) or not self.adapters:
-            return
-        for name, g in self.gates().items():
-            logger.log_histogram(f"gates/{name}", g.float().cpu().tolist(), step)
-        fig = dashboard.rank_heatmap(self.ranks(), self.adapter_config.max_rank, f"ranks at step {step}")
-        logger.log_image("ranks/heatmap", dashboard.figure_to_array(fig), step)
-
-    def _log_summary(self, logger: LoggerBase, last: dict[str, float] | None) -> None:
-        """The end of a search: final gate heatmap, the rank table and the hyperparameters."""
-        if isinstance(logger, NullLogger) or not self.adapters:
-            return
-        step, ranks = self.state.step, self.ranks()
-        gates = {n: g.float().cpu().tolist() for n, g in self.gates().items()}
-        logger.log_image("gates/final", dashboard.figure_to_array(dashboard.gate_heatmap(gates)), step)
-        logger.log_text("rank_plan", dashboard.rank_table(ranks), step)
-        hparams = {**asdict(self.adapter_config), **asdict(self.search_config)}
-        final = {
-            "hparam/mean_rank": sum(ranks.values()) / len(ranks),
-            "hparam/adapter_params": float(self.parameter_count(ranks)["adapter"]),
-        }
-        if last and "loss/val" in last:
-            final["hparam/loss_val"] = last["loss/val"]
-        logger.log_hparams(hparams, final, step)
+        self._logged_step = self.state.step
+        dashboard.log_step(logger, self, metrics)
 
     def _progress(self, total: int | None):
         if not (self.logging_config.progress and sys.stderr.isatty() and self.is_main_process):

@@ -36,7 +36,11 @@ WORKER = textwrap.dedent(
                         loss_fn=mlp_loss, hypergrad=engine, selector_lr=0.1, seed=2, log_dir=out + "/logs",
                         loggers=["jsonl"], log_every=1)
     try:
-        t.fit(train, val, epochs=2, checkpoint_dir=out + "/ckpt")
+        # "partial" stops after 3 steps, as if killed; the next launch resumes from the checkpoint
+        steps = 3 if mode == "partial" else None
+        t.fit(train, val, epochs=2, max_steps=steps, checkpoint_dir=out + "/ckpt", resume=True)
+        if mode == "partial":
+            sys.exit(0)
     except AutoLoRAError as e:
         print(f"rank {{rank}}: {{type(e).__name__}}: {{e}}", file=sys.stderr)
         sys.exit(3)
@@ -92,6 +96,20 @@ def test_two_processes_equal_the_single_process_maths(tmp_path, engine):
     scalar_steps = [r["step"] for r in records if "kind" not in r]
     assert scalar_steps == list(range(1, 7))  # once per step, not once per process
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000006"]
+
+
+def test_resume_under_data_parallelism(tmp_path):
+    first = _launch(tmp_path, "darts", mode="partial")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000003"]
+    second = _launch(tmp_path, "darts")  # the same command line, resumed on both ranks
+    assert second.returncode == 0, second.stderr[-3000:]
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    ref, _ = _single_process("darts")
+    for n, p in ref.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(r0[n], r1[n]), n
+            assert torch.allclose(r0[n], p.detach(), atol=1e-6, rtol=1e-5), n
 
 
 def test_unequal_shards_are_a_clear_error_not_a_hang(tmp_path):

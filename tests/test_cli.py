@@ -109,3 +109,9 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("autolora train: error: max_rank=-1 is invalid") and "Traceback" not in err
     assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates(path):
+    cfg, _ = load_config(path)
+    assert cfg.adapter.target_modules == ("query", "value") and cfg.fit.epochs >= 1

@@ -91,7 +91,7 @@ def build(cfg: RunConfig, run_dir: Path, num_labels: int):
     return model, tokenizer, trainer
 
 
-def batches(tokenizer, cfg: RunConfig, examples, shuffle: bool) -> list:
+def batches(tokenizer, cfg: RunConfig, examples, shuffle: bool, regression: bool) -> list:
     return glue.make_batches(
         tokenizer,
         examples,
@@ -99,7 +99,7 @@ def batches(tokenizer, cfg: RunConfig, examples, shuffle: bool) -> list:
         cfg.model.max_length,
         shuffle=shuffle,
         seed=cfg.seed,
-        regression=cfg.data.regression or (cfg.data.task is not None and glue.task_spec(cfg.data.task).labels is None),
+        regression=regression,
     )
 
 
@@ -122,8 +122,9 @@ def train(cfg: RunConfig) -> dict:
     prepare_run_dir(run_dir, to_dict(cfg))
     train_ex, dev_ex, num_labels, metric = load_examples(cfg)
     model, tokenizer, trainer = build(cfg, run_dir, num_labels)
-    train_batches = batches(tokenizer, cfg, train_ex, shuffle=True)
-    dev_batches = batches(tokenizer, cfg, dev_ex, shuffle=False)
+    regression = metric == "pearson"  # load_examples scores regression data by Pearson correlation
+    train_batches = batches(tokenizer, cfg, train_ex, shuffle=True, regression=regression)
+    dev_batches = batches(tokenizer, cfg, dev_ex, shuffle=False, regression=regression)
     t0 = time.perf_counter()
     trainer.fit(
         train_batches,

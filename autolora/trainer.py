@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +34,18 @@ from autolora.layers import GatedLoRALinear, layer_dims
 from autolora.loggers import LoggerBase, make_logger
 from autolora.prune import THRESHOLD_RTOL, PrunePlan, adapter_parameters, budget_keep, threshold_keep
 from autolora.state import FP16_INIT_SCALE, TrainerState
+
+
+def linear_warmup(total: int, warmup: int) -> Callable[[int], float]:
+    """The retrain schedule's factor at step i: linear warm-up over ``warmup`` steps, then
+    linear decay to 0 at ``total`` (for ``LambdaLR``)."""
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / max(1, warmup)
+        return max(0.0, (total - i) / max(1, total - warmup))
+
+    return factor
 
 
 class AutoLoRATrainer:
@@ -193,6 +205,7 @@ class AutoLoRATrainer:
             tuple(self.adapters),
             tuple(a.selector for a in self.adapters.values()),
             reducer=self._dist.average if self._dist else None,
+            autocast=self._autocast,
         )
         s = self.search_config
         # after pruning every module to rank 0 nothing may be left to optimise
@@ -286,7 +299,6 @@ class AutoLoRATrainer:
         batches) computes the weight gradient only."""
         s = self.search_config
         self.problem.loss_scale = self.state.loss_scale
-        self.problem.autocast = self._autocast
         train = [to_device(b, self.device) for b in train_batches]
         val = [to_device(b, self.device) for b in val_batches] if val_batches is not None else None
         return meta_gradients(
@@ -433,15 +445,16 @@ class AutoLoRATrainer:
                         self.state.epoch += 1
                         self.state.batch_in_epoch = 0
                     last = losses
-                    logged = self.state.step == 1 or self.state.step % self.logging_config.log_every == 0
-                    if logged:
-                        self._log_step(logger, self._metrics(losses))
+                    metrics = None  # the full metrics cost a sync; built on logged steps only, once
+                    if self.state.step == 1 or self.state.step % self.logging_config.log_every == 0:
+                        metrics = self._metrics(losses)
+                        self._log_step(logger, metrics)
                     if checkpoint_every and self.state.step % checkpoint_every == 0:
                         self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
                     if bar is not None:
                         bar.update(1)
-                        if logged:
-                            bar.set_postfix(self._postfix(self._metrics(losses)))
+                        if metrics is not None:
+                            bar.set_postfix(self._postfix(metrics))
                     if out_of_steps() or epoch_ended:
                         break
                 if not epoch_ended and not out_of_steps():  # an empty epoch (nothing left to skip to)
@@ -704,10 +717,7 @@ class AutoLoRATrainer:
         warmup = int(warmup_ratio * total)
         for group in optimizer.param_groups:
             group["lr"] = self.search_config.lr if lr is None else lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda i: (i + 1) / max(1, warmup) if i < warmup else max(0.0, (total - i) / max(1, total - warmup)),
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(total, warmup))
         order = torch.Generator().manual_seed(self.search_config.seed)
         logger, bar = self._get_logger(), self._progress(total)
         step = 0

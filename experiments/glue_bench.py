@@ -43,7 +43,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from autolora.data import to_device
 from autolora.glue import TASKS, Examples, evaluate, load_glue, make_batches
+from autolora.trainer import linear_warmup  # the retrain schedule, so baselines train on the same one
 
 # ----------------------------------------------------------------------------------------- setup
 ALL_TASKS: tuple[str, ...] = ("MRPC", "RTE", "CoLA", "STS-B", "SST-2")
@@ -164,10 +166,6 @@ def load_task(task: str, data_dir: str, limit: int | None) -> tuple[Examples, Ex
 Batch = dict[str, torch.Tensor]
 
 
-def to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
-    return [{k: v.to(device) for k, v in b.items()} for b in batches]
-
-
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA, nothing (fp32) elsewhere: the same for every method."""
     if device.type == "cuda":
@@ -196,17 +194,6 @@ class Outcome:
     steps: int
     ranks: dict[str, int] | None = None
     extra: dict[str, Any] | None = None
-
-
-def linear_warmup(total: int, warmup: int) -> Callable[[int], float]:
-    """The schedule of ``AutoLoRATrainer.retrain``: linear warm-up, then linear decay to 0."""
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / max(1, warmup)
-        return max(0.0, (total - i) / max(1, total - warmup))
-
-    return factor
 
 
 def train_peft(

@@ -61,7 +61,8 @@ class _GradModule(nn.Module):
     def forward(self, batch, inputs, weight: float, create_graph: bool, retain_graph: bool, autocast):
         with autocast():
             loss = self.inner(batch)
-        return loss, grads_or_zeros(loss * weight, inputs, create_graph=create_graph, retain_graph=retain_graph)
+        scaled = loss if weight == 1.0 else loss * weight
+        return loss, grads_or_zeros(scaled, inputs, create_graph=create_graph, retain_graph=retain_graph)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Bilevel:
         """
         k = len(batches)
         scale = float(self.loss_scale)
+        factor = scale / k  # skipped when 1: a step is usually launch-bound, so no needless kernels
         total: torch.Tensor | None = None
         summed: list[torch.Tensor] | None = None
         # fast weights that carry a graph (the unrolled step) are shared by every micro-batch
@@ -129,17 +131,19 @@ class Bilevel:
             if weights is None:
                 with self.autocast():  # mixed precision for the forward only; backward follows its dtypes
                     loss = self.module(batch)
-                grads = grads_or_zeros(loss * (scale / k), inputs, create_graph=create_graph, retain_graph=retain)
+                scaled = loss if factor == 1.0 else loss * factor
+                grads = grads_or_zeros(scaled, inputs, create_graph=create_graph, retain_graph=retain)
             else:
                 params = dict(zip(self._grad_keys, weights))
                 loss, grads = functional_call(
                     self._grad_module,
                     params,
-                    (batch, list(inputs), scale / k, create_graph, retain, self.autocast),
+                    (batch, list(inputs), factor, create_graph, retain, self.autocast),
                     strict=False,
                 )
             loss = loss if create_graph else loss.detach()
-            total = loss / k if total is None else total + loss / k
+            share = loss if k == 1 else loss / k
+            total = share if total is None else total + share
             summed = list(grads) if summed is None else [a + g for a, g in zip(summed, grads)]
         if total is None or summed is None:
             raise DataError("a bilevel step got no batches; give at least one batch.")

@@ -50,8 +50,8 @@ class Engine:
 
     Attributes:
         fn: ``fn(problem, train_batch, val_batch, train_grads, *, xi, fd_epsilon, train_rng)``.
-        second_order: Differentiates through a gradient (double backward), so it runs with
-            math attention.
+        second_order: Differentiates through a gradient (double backward); the train forward it
+            differentiates twice runs with math attention.
         graph_train_grads: Needs the step's train gradient built with ``create_graph=True``.
         replays_train_pass: Re-runs the train forward and needs its RNG state (dropout masks).
     """
@@ -94,10 +94,26 @@ def _darts(
 
 
 def _unrolled(problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, **_) -> Hypergrad:
-    # train_grads carry their graph (create_graph=True), so d/dbeta flows through w' as well.
-    w_virtual = [p - xi * g for p, g in zip(problem.weights, train_grads)]
-    val_loss, grads = problem.value_and_grad(val_batches, problem.selectors, w_virtual)
-    return Hypergrad(grads, val_loss)
+    # train_grads g carry their graph (create_graph=True). By the chain rule, with w' = w - xi g
+    # and v = grad_w' L_val(w'),
+    #     h = d/dbeta L_val(w', beta) = grad_beta L_val(w') - xi * grad_beta <g(w, beta), v>.
+    # The validation pass runs at a *detached* w' (a plain first-order pass, fused attention
+    # allowed) and its graph is freed before the double backward through the train graph runs,
+    # so the two never share the memory peak. The result is exact, the same as differentiating
+    # through w' directly.
+    n = len(problem.weights)
+    with torch.no_grad():
+        w_virtual = [
+            x.requires_grad_() for x in torch._foreach_add(list(problem.weights), list(train_grads), alpha=-xi)
+        ]
+    val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
+    v, direct = grads[:n], grads[n:]
+    if xi == 0:
+        return Hypergrad(direct, val_loss)
+    scale = float(problem.loss_scale)  # float16: keep the double backward above underflow too
+    dot = torch.stack([(g * u).sum() for g, u in zip(train_grads, v)]).sum()
+    mixed = grads_or_zeros(dot * (scale * xi), problem.selectors)
+    return Hypergrad(tuple(d - m / scale for d, m in zip(direct, mixed)), val_loss)
 
 
 def _higher(
@@ -122,7 +138,8 @@ def _higher(
     # selectors stay connected (the default would detach them and their gradient is None).
     with higher.innerloop_ctx(problem.module, sgd, copy_initial_weights=False, track_higher_grads=True) as (fmod, dopt):
         try:
-            with train_rng.replay(), problem.autocast():  # the weight step's dropout masks
+            # the weight step's dropout masks; math attention, as this pass is differentiated twice
+            with train_rng.replay(), problem.autocast(), math_attention():
                 train_loss = fmod(train_batch)
             dopt.step(train_loss)
             with problem.autocast():
@@ -176,20 +193,20 @@ def meta_gradients(
     """Train loss and weight gradient at w_t, then (with an engine) the hypergradient reusing it.
 
     ``train_batches`` and ``val_batches`` are sequences of micro-batches (one for a plain step);
-    their gradients are accumulated. Second-order engines run the whole region (the train
-    gradient with ``create_graph`` and the double backward) with math attention; everything else
-    keeps the fast kernels. With ``engine=None`` only the weight gradient is computed (a step
+    their gradients are accumulated. Only a train forward that will be differentiated twice (the
+    ``create_graph`` train gradient of ``unrolled``, ``higher``'s own train pass) runs with math
+    attention: the double backward goes through that pass alone, so every other forward, the
+    validation passes included, keeps the fused kernels. With ``engine=None`` only the weight gradient is computed (a step
     without a selector update).
     """
-    second_order = engine is not None and engine.second_order
     graph = engine is not None and engine.graph_train_grads
     replays = engine is not None and engine.replays_train_pass
     train_rng = RngSnapshot(list({p.device for p in problem.weights})) if replays else None
-    with math_attention() if second_order else contextlib.nullcontext():
+    with math_attention() if graph else contextlib.nullcontext():
         train_loss, weight_grads = problem.value_and_grad(train_batches, problem.weights, create_graph=graph)
-        hyper = None
-        if engine is not None:
-            hyper = engine.fn(
-                problem, train_batches, val_batches, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
-            )
+    hyper = None
+    if engine is not None:
+        hyper = engine.fn(
+            problem, train_batches, val_batches, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
+        )
     return MetaGrads(train_loss.detach(), tuple(g.detach() for g in weight_grads), hyper)

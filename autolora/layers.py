@@ -92,11 +92,13 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        # Fold s * g into the rows of A, an (r, in) matrix, rather than scaling the (..., r)
-        # activations: the gated copy is tiny and no B diag(g) A (out, in) is ever formed.
-        a = self.lora_A * (self.scale * self.gates()).unsqueeze(-1)
+        # Fold g into the rows of A, an (r, in) matrix, rather than scaling the (..., r)
+        # activations: the gated copy is tiny and no B diag(g) A (out, in) is ever formed. The
+        # scale s rides on the final add. A step is usually bound by kernel launches, so the
+        # layer adds only the softmax and this product to what a PEFT LoRA layer launches.
+        a = self.lora_A if self.gate == "fixed" else self.lora_A * self.gates().unsqueeze(-1)
         z = F.linear(self.dropout(x), a)  # (..., r)
-        return y + F.linear(z, self.lora_B)  # (..., out)
+        return torch.add(y, F.linear(z, self.lora_B), alpha=self.scale)  # (..., out)
 
     @torch.no_grad()
     def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -425,7 +425,7 @@ class AutoLoRATrainer:
             left = max_steps - (self.state.step - start[0])
             total = left if total is None else min(total, left)
         bar = self._progress(total)
-        last: dict[str, float] | None = None
+        last: dict[str, torch.Tensor] | None = None
         try:
             while not out_of_epochs() and not out_of_steps():
                 epoch_ended = False
@@ -465,7 +465,7 @@ class AutoLoRATrainer:
                 self._log_step(logger, self._metrics(last))  # always log the last step
             if bar is not None:
                 bar.close()
-        dashboard.log_summary(logger, self, last)
+        dashboard.log_summary(logger, self, None if last is None else {k: float(v) for k, v in last.items()})
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
         return self
@@ -476,7 +476,12 @@ class AutoLoRATrainer:
         return {k: f"{metrics[m]:.4g}" for k, m in shown.items() if m in metrics}
 
     def step(self, train_batch: object, val_batch: object) -> dict[str, float]:
-        """One bilevel step on one train and one validation batch; returns its metrics.
+        """One bilevel step on one train and one validation batch; returns its losses.
+
+        The result holds ``"loss/train"``, and ``"loss/val"`` on steps with a selector update
+        (empty for a skipped step). Ranks and counts are :meth:`ranks` and
+        :meth:`parameter_count`; they cost a device sync, so a custom loop asks for them when it
+        logs, as ``fit`` does.
 
         The train loss and its weight gradient are computed once at w_t; the selector
         hypergradient (every ``selector_every`` steps; otherwise ``val_batch`` is unused) is
@@ -485,10 +490,11 @@ class AutoLoRATrainer:
         """
         self._check_searchable("step()")
         due = (self.state.step + 1) % self.search_config.selector_every == 0
-        return self._metrics(self._step([train_batch], [val_batch] if due else None))
+        return {k: float(v) for k, v in self._step([train_batch], [val_batch] if due else None).items()}
 
-    def _step(self, train_batches: list, val_batches: list | None) -> dict[str, float]:
-        """One step on micro-batches; returns its losses (empty for a skipped step)."""
+    def _step(self, train_batches: list, val_batches: list | None) -> dict[str, torch.Tensor]:
+        """One step on micro-batches; returns its losses as device scalars (empty for a skipped
+        step), so that nothing but the guard waits for the device."""
         s = self.search_config
         step = self.state.step + 1
         meta = self._meta(train_batches, val_batches, self.engine)
@@ -508,15 +514,15 @@ class AutoLoRATrainer:
         if selector_grads is not None:
             self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
         self.state.step = step
-        losses = {"loss/train": float(meta.train_loss)}
+        losses = {"loss/train": meta.train_loss}
         if meta.hyper is not None:
-            losses["loss/val"] = float(meta.hyper.val_loss)
+            losses["loss/val"] = meta.hyper.val_loss
         return losses
 
-    def _metrics(self, losses: dict[str, float]) -> dict[str, float]:
+    def _metrics(self, losses: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         """``losses`` plus ranks, counts and learning rates at the current state (for logging)."""
         ranks = self.ranks()
-        metrics = dict(losses)
+        metrics = {k: float(v) for k, v in losses.items()}
         metrics.update({f"rank/{n}": float(r) for n, r in ranks.items()})
         metrics["summary/mean_rank"] = sum(ranks.values()) / max(len(ranks), 1)
         metrics["summary/components"] = float(sum(ranks.values()))

@@ -118,6 +118,10 @@ class SearchConfig:
             ``"higher"`` (exact, through the ``higher`` library).
         lr: AdamW learning rate of the weights (``lora_A``, ``lora_B``, ``modules_to_save``).
         weight_decay: AdamW weight decay of the weights.
+        max_grad_norm: Clip the weights' gradient to this total 2-norm before each AdamW step,
+            in the search and in ``retrain`` (the Hugging Face Trainer's ``max_grad_norm``, whose
+            default there is 1.0). ``None``: no clipping. The selectors' hypergradient and the
+            virtual step it differentiates through are never clipped.
         selector_lr: Learning rate of the selector optimiser (Adam, as the paper).
         selector_betas: Adam betas of the selector optimiser; the paper's (0.5, 0.999).
         inner_lr: xi, the step of the virtual SGD step ``w - xi * grad L_train`` that the
@@ -143,6 +147,7 @@ class SearchConfig:
     hypergrad: EngineName = "darts"
     lr: float = 5e-4
     weight_decay: float = 0.0
+    max_grad_norm: float | None = None
     selector_lr: float = 5e-3
     selector_betas: tuple[float, float] = (0.5, 0.999)
     inner_lr: float | None = None
@@ -160,6 +165,8 @@ class SearchConfig:
         _check_choice("hypergrad", self.hypergrad, ENGINE_NAMES)
         _check_positive("lr", self.lr)
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.max_grad_norm is not None:
+            _check_positive("max_grad_norm", self.max_grad_norm)
         _check_positive("selector_lr", self.selector_lr)
         if isinstance(self.selector_betas, list):
             object.__setattr__(self, "selector_betas", tuple(self.selector_betas))

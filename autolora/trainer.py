@@ -306,10 +306,13 @@ class AutoLoRATrainer:
         )
 
     @staticmethod
-    def _apply(optimizer: torch.optim.Optimizer, params, grads) -> None:
-        """One optimiser step with the given gradients (never accumulated into ``.grad``)."""
+    def _apply(optimizer: torch.optim.Optimizer, params, grads, max_norm: float | None = None) -> None:
+        """One optimiser step with the given gradients (never accumulated into ``.grad``),
+        clipped to the total 2-norm ``max_norm`` first if given."""
         for p, g in zip(params, grads):
             p.grad = g
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -510,7 +513,7 @@ class AutoLoRATrainer:
                 )
                 reg = torch.autograd.grad(penalty, self.problem.selectors)
                 selector_grads = [g + s.sparsity * r for g, r in zip(selector_grads, reg)]
-        self._apply(self.weight_optimizer, self.problem.weights, meta.weight_grads)
+        self._apply(self.weight_optimizer, self.problem.weights, meta.weight_grads, s.max_grad_norm)
         if selector_grads is not None:
             self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
         self.state.step = step
@@ -687,7 +690,8 @@ class AutoLoRATrainer:
         ``lora_alpha / r_k`` and gates fixed at 1 (no selectors); ``modules_to_save`` start
         over from their initial values. Training uses train + validation data: with
         ``val_data=None`` that is all of ``train_data`` (the 30% split merged back). AdamW with
-        a linear schedule and ``warmup_ratio`` warm-up (the paper's retrain recipe).
+        a linear schedule and ``warmup_ratio`` warm-up (the paper's retrain recipe), gradients
+        clipped to the search's ``max_grad_norm`` if it has one.
 
         Args:
             train_data: Re-iterable batches.
@@ -732,7 +736,9 @@ class AutoLoRATrainer:
                 for i in torch.randperm(len(batches), generator=order).tolist():
                     meta = self._meta([batches[i]], None, engine=None)
                     if not self._guard(meta, step + 1):
-                        self._apply(optimizer, self.problem.weights, meta.weight_grads)
+                        self._apply(
+                            optimizer, self.problem.weights, meta.weight_grads, self.search_config.max_grad_norm
+                        )
                     schedule.step()
                     step += 1
                     if step == 1 or step == total or step % self.logging_config.log_every == 0:

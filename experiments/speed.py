@@ -398,8 +398,30 @@ def block_median(times: Sequence[float], block: int) -> float:
     return statistics.median(sums)
 
 
-def _measure(case: Case, bench: Bench, iters: int, warmup: int) -> dict[str, Any]:
-    """Build, warm up and time one case. Everything it allocates dies with this frame."""
+def block_min(times: Sequence[float], block: int) -> float:
+    """The fastest non-overlapping block of ``block`` iterations, per iteration."""
+    return min(sum(times[i : i + block]) / block for i in range(0, len(times) - block + 1, block))
+
+
+def count_kernels(runner: Runner, first: int, n: int, device: torch.device) -> dict[str, float]:
+    """Device kernels launched and device busy time per iteration over ``n`` iterations
+    (torch.profiler). Both are properties of the code, not of how busy the host is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(first, first + n):
+            runner.step(i)
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {
+        "kernels_per_iter": len(kernels) / n,
+        "gpu_busy_ms_per_iter": sum(e.device_time for e in kernels) / 1e3 / n,
+    }
+
+
+def _measure(case: Case, bench: Bench, iters: int, warmup: int, kernels: bool = False) -> dict[str, Any]:
+    """Build, warm up and time one case (with ``kernels``, then count its kernels). Everything
+    it allocates dies with this frame."""
     device = bench.device
     start = time.perf_counter()
     runner = case.build(bench)
@@ -420,8 +442,10 @@ def _measure(case: Case, bench: Bench, iters: int, warmup: int) -> dict[str, Any
         times.append((time.perf_counter() - t0) * 1e3)
     peak_timed = peak_mib(device)
     peak = None if peak_timed is None or peak_warmup is None else max(peak_warmup, peak_timed)
-    return {
+    counted = count_kernels(runner, warmup + iters, case.block * 2, device) if kernels and device.type == "cuda" else {}
+    return counted | {
         "ms_per_iter": block_median(times, case.block),
+        "ms_min_block": block_min(times, case.block),
         "ms_median": statistics.median(times),
         "ms_mean": statistics.fmean(times),
         "ms_min": min(times),
@@ -446,7 +470,7 @@ def autocast_mode(case: Case, bench: Bench) -> str:
     return f"autolora: torch.autocast({bench.autocast}) around trainer.step (the trainer has no autocast= yet)"
 
 
-def run_case(name: str, bench: Bench, iters: int, warmup: int) -> dict[str, Any]:
+def run_case(name: str, bench: Bench, iters: int, warmup: int, kernels: bool = False) -> dict[str, Any]:
     case = CASES[name]
     free_memory(bench.device)
     row: dict[str, Any] = {
@@ -458,7 +482,7 @@ def run_case(name: str, bench: Bench, iters: int, warmup: int) -> dict[str, Any]
         "baseline_mib": allocated_mib(bench.device),
     }
     try:
-        row |= _measure(case, bench, iters, warmup)
+        row |= _measure(case, bench, iters, warmup, kernels)
         row["error"] = None
     except Exception as e:  # record and go on: one failing case must not lose the others
         row["error"] = f"{type(e).__name__}: {e}"
@@ -498,6 +522,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             summary.append(row | {"error": runs[-1]["error"]})
             continue
         ratios = [ratio(r["ms_per_iter"], base[r["round"]]["ms_per_iter"]) for r in ok if r["round"] in base]
+        fastest = min(r["ms_min_block"] for r in ok)
+        base_fastest = min((r["ms_min_block"] for r in base.values()), default=None)
+        counted = next((r for r in ok if "kernels_per_iter" in r), {})
+        base_counted = next((r for r in base.values() if "kernels_per_iter" in r), {})
         peaks = [r["peak_mib"] for r in ok if r["peak_mib"] is not None]
         peak = max(peaks) if peaks else None
         row |= {
@@ -508,6 +536,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "time_ratio_per_round": [None if x is None else round(x, 4) for x in ratios],
             "peak_mib": peak,
             "peak_ratio": ratio(peak, base_mib),
+            "ms_fastest": fastest,
+            "fastest_ratio": ratio(fastest, base_fastest),
+            "kernels_per_iter": counted.get("kernels_per_iter"),
+            "kernels_ratio": ratio(counted.get("kernels_per_iter"), base_counted.get("kernels_per_iter")),
+            "gpu_busy_ms_per_iter": counted.get("gpu_busy_ms_per_iter"),
+            "gpu_busy_ratio": ratio(counted.get("gpu_busy_ms_per_iter"), base_counted.get("gpu_busy_ms_per_iter")),
         }
         summary.append(row)
     return summary
@@ -539,6 +573,25 @@ def gpu_table(summary: list[dict[str, Any]], max_rank: int) -> list[str]:
     return lines
 
 
+def bounds_table(summary: list[dict[str, Any]], max_rank: int) -> list[str]:
+    """What the time is made of: the fastest block, kernels launched and device busy time."""
+    ref = f"LoRA r={max_rank}"
+    lines = [
+        f"| case | fastest ms/iter | × {ref} (fastest) | kernels/iter | × {ref} kernels | GPU busy ms/iter "
+        f"| × {ref} busy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        if r["error"] is not None:
+            continue
+        lines.append(
+            f"| {r['label']} | {fmt(r['ms_fastest'], '.1f')} | {fmt(r['fastest_ratio'], '.2f', '×')} | "
+            f"{fmt(r['kernels_per_iter'], ',.0f')} | {fmt(r['kernels_ratio'], '.2f', '×')} | "
+            f"{fmt(r['gpu_busy_ms_per_iter'], '.1f')} | {fmt(r['gpu_busy_ratio'], '.2f', '×')} |"
+        )
+    return lines
+
+
 def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info: dict[str, Any]) -> None:
     rows = []
     for round_ in range(args.rounds):  # all cases back to back, the whole sequence `rounds` times
@@ -546,7 +599,7 @@ def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info:
             case = CASES[name]
             iters = -(-args.iters // case.block) * case.block  # whole blocks
             warmup = max(args.warmup, case.block)  # every kind of iteration is warm, optimisers built
-            row = {"round": round_} | run_case(name, bench, iters, warmup)
+            row = {"round": round_} | run_case(name, bench, iters, warmup, kernels=round_ == 0)
             print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
             rows.append(row)
     summary = summarise(rows)
@@ -563,6 +616,11 @@ def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info:
         f"warm-up, synchronised per iteration; the whole case sequence run {args.rounds} times",
         "",
         *gpu_table(summary, s.max_rank),
+        "",
+        "What bounds the time (fastest block of iterations over all rounds; kernels and device busy time "
+        "from torch.profiler over two more iterations, or two 4-step blocks, in round 1):",
+        "",
+        *bounds_table(summary, s.max_rank),
         "",
         "Notes:",
         "",

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from autolora import AutoLoRATrainer, ConfigError, NonFiniteError
 from autolora.hypergrad import ENGINES, Hypergrad, MetaGrads
@@ -105,3 +106,43 @@ def test_gradient_checkpointing_errors():
         AutoLoRATrainer(bert(), max_rank=2, target_modules=["query"], hypergrad="unrolled", gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="does not have"):
         _mlp(gradient_checkpointing=True)
+
+
+def _weight_step_grad_norms(trainer, out):
+    """Record the weights' gradient norm at every weight-optimiser step, whichever optimiser
+    (search or retrain) takes it; the selector optimiser is ignored."""
+
+    def hook(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if {id(p) for p in params} == {id(p) for p in trainer.problem.weights}:  # pruning replaces them
+            out.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+
+    return register_optimizer_step_pre_hook(hook)
+
+
+def test_max_grad_norm_clips_the_weight_step_in_search_and_retrain():
+    train, val = mlp_batches(4, seed=5), mlp_batches(2, seed=6)
+    free = _mlp(hypergrad="first_order", lr=1e-2)
+    seen_free: list[float] = []
+    handle = _weight_step_grad_norms(free, seen_free)
+    try:
+        free.fit(train, val, max_steps=3)
+    finally:
+        handle.remove()
+    limit = min(seen_free) / 4  # well below what the unclipped gradients reach
+    clipped = _mlp(hypergrad="first_order", lr=1e-2, max_grad_norm=limit)
+    seen: list[float] = []
+    handle = _weight_step_grad_norms(clipped, seen)
+    try:
+        clipped.fit(train, val, max_steps=3)
+        clipped.prune()
+        clipped.retrain(train, epochs=1)  # a fresh optimiser; clipping applies there too
+    finally:
+        handle.remove()
+    assert len(seen_free) == 3 and len(seen) == 3 + 4
+    assert all(n <= limit * (1 + 1e-5) for n in seen)
+
+
+def test_max_grad_norm_must_be_positive():
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        _mlp(max_grad_norm=0.0)

@@ -142,13 +142,20 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 Key = tuple[str, str, int]  # (task, method, seed)
 
 
-def same_setting(row: dict[str, Any], epochs: int | None, limit: int | None) -> bool:
-    """Rows count for a pass only if they ran with the same ``--epochs`` and ``--limit``."""
-    return row.get("epochs_arg") == epochs and row.get("limit") == limit
+def same_setting(row: dict[str, Any], epochs: int | None, limit: int | None, max_grad_norm: float | None) -> bool:
+    """Rows count for a pass only if they ran with the same ``--epochs``, ``--limit`` and
+    ``--max-grad-norm``."""
+    return row.get("epochs_arg") == epochs and row.get("limit") == limit and row.get("max_grad_norm") == max_grad_norm
 
 
-def done_rows(path: str | os.PathLike, epochs: int | None, limit: int | None) -> dict[Key, dict[str, Any]]:
-    return {(r["task"], r["method"], int(r["seed"])): r for r in read_rows(path) if same_setting(r, epochs, limit)}
+def done_rows(
+    path: str | os.PathLike, epochs: int | None, limit: int | None, max_grad_norm: float | None = None
+) -> dict[Key, dict[str, Any]]:
+    return {
+        (r["task"], r["method"], int(r["seed"])): r
+        for r in read_rows(path)
+        if same_setting(r, epochs, limit, max_grad_norm)
+    }
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -203,10 +210,12 @@ def train_peft(
     seed: int,
     device: torch.device,
     after_step: Callable[[int], None] | None = None,
+    max_grad_norm: float | None = None,
 ) -> int:
     """The PEFT baselines' loop, mirroring ``retrain``: AdamW, linear schedule with 6% warm-up, a
     seeded permutation of the batches every epoch. ``after_step(global_step)`` runs after the
     optimiser step and before ``zero_grad`` (where AdaLoRA's ``update_and_allocate`` belongs).
+    ``max_grad_norm`` clips the gradient's total 2-norm before each step (as ``retrain`` does).
 
     Returns:
         The number of optimiser steps.
@@ -225,6 +234,8 @@ def train_peft(
                 loss = model(**batches[i]).loss
             loss.backward()
             nonfinite |= ~torch.isfinite(loss.detach())
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
             if after_step is not None:
@@ -242,7 +253,13 @@ def lora_parameter_count(model: nn.Module) -> int:
 
 
 def run_lora(
-    model: nn.Module, method: Method, batches: list[Batch], epochs: int, seed: int, device: torch.device
+    model: nn.Module,
+    method: Method,
+    batches: list[Batch],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    max_grad_norm: float | None = None,
 ) -> Outcome:
     from peft import LoraConfig, get_peft_model
 
@@ -255,7 +272,7 @@ def run_lora(
         modules_to_save=HEAD,
     )
     peft_model = get_peft_model(model, config)
-    steps = train_peft(peft_model, batches, epochs, seed, device)
+    steps = train_peft(peft_model, batches, epochs, seed, device, max_grad_norm=max_grad_norm)
     return Outcome(peft_model, lora_parameter_count(peft_model), steps)
 
 
@@ -269,7 +286,14 @@ def adalora_schedule(total: int) -> tuple[int, int]:
 
 
 def run_adalora(
-    model: nn.Module, method: Method, batches: list[Batch], epochs: int, seed: int, device: torch.device, target_r: int
+    model: nn.Module,
+    method: Method,
+    batches: list[Batch],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    target_r: int,
+    max_grad_norm: float | None = None,
 ) -> Outcome:
     from peft import AdaLoraConfig, get_peft_model
 
@@ -292,7 +316,9 @@ def run_adalora(
     )
     peft_model = get_peft_model(model, config)
     allocator = peft_model.base_model
-    steps = train_peft(peft_model, batches, epochs, seed, device, after_step=allocator.update_and_allocate)
+    steps = train_peft(
+        peft_model, batches, epochs, seed, device, after_step=allocator.update_and_allocate, max_grad_norm=max_grad_norm
+    )
     ranks, dims = adalora_ranks(peft_model, method.rank)
     effective = sum(r * sum(dims[n]) for n, r in ranks.items())
     extra = {
@@ -338,7 +364,13 @@ def _strip(name: str) -> str:
 
 
 def run_autolora(
-    model: nn.Module, method: Method, batches: list[Batch], epochs: int, seed: int, device: torch.device
+    model: nn.Module,
+    method: Method,
+    batches: list[Batch],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    max_grad_norm: float | None = None,
 ) -> Outcome:
     from autolora import AutoLoRATrainer
 
@@ -353,6 +385,7 @@ def run_autolora(
         selector_every=method.selector_every,
         lr=LR,
         seed=seed,
+        max_grad_norm=max_grad_norm,
         progress=False,
         **options,
     )
@@ -384,11 +417,13 @@ def run_autolora(
     return Outcome(trainer.model, adapter, search_steps + retrain_steps, ranks, extra)
 
 
-def adalora_target_r(out: str, task: str, seed: int, method: Method, epochs: int | None, limit: int | None) -> dict:
+def adalora_target_r(
+    out: str, task: str, seed: int, method: Method, epochs: int | None, limit: int | None, max_grad_norm: float | None
+) -> dict:
     """AdaLoRA's target_r: the rounded mean rank AutoLoRA (``method.rank_from``) found for the same
     task and seed (halves round up), capped at init_r - 1 (PEFT's allocator needs something to prune:
     with target_r = init_r its ``kthvalue`` gets k = 0 and fails)."""
-    ref = done_rows(out, epochs, limit).get((task, str(method.rank_from), seed))
+    ref = done_rows(out, epochs, limit, max_grad_norm).get((task, str(method.rank_from), seed))
     if ref is None or not ref.get("ranks"):
         raise LookupError(
             f"no {method.rank_from} row for {task} seed {seed} in {out} (same --epochs/--limit); run it first."
@@ -418,7 +453,7 @@ def run_one(args: argparse.Namespace) -> None:
         if args.target_r is not None:
             adalora_info = {"target_r": args.target_r}
         else:
-            adalora_info = adalora_target_r(args.out, task, seed, method, args.epochs, args.limit)
+            adalora_info = adalora_target_r(args.out, task, seed, method, args.epochs, args.limit, args.max_grad_norm)
 
     model_path = args.model or default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -441,11 +476,13 @@ def run_one(args: argparse.Namespace) -> None:
     synchronize(device)
     start = time.perf_counter()
     if method.family == "lora":
-        outcome = run_lora(model, method, train_batches, epochs, seed, device)
+        outcome = run_lora(model, method, train_batches, epochs, seed, device, args.max_grad_norm)
     elif method.family == "adalora":
-        outcome = run_adalora(model, method, train_batches, epochs, seed, device, adalora_info["target_r"])
+        outcome = run_adalora(
+            model, method, train_batches, epochs, seed, device, adalora_info["target_r"], args.max_grad_norm
+        )
     else:
-        outcome = run_autolora(model, method, train_batches, epochs, seed, device)
+        outcome = run_autolora(model, method, train_batches, epochs, seed, device, args.max_grad_norm)
     synchronize(device)
     wall = time.perf_counter() - start
     start = time.perf_counter()
@@ -480,6 +517,7 @@ def run_one(args: argparse.Namespace) -> None:
         "max_length": MAX_LENGTH,
         "lr": LR,
         "lora_alpha": LORA_ALPHA,
+        "max_grad_norm": args.max_grad_norm,
         "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
         "concurrent_jobs": args.concurrent_jobs,
         "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -571,14 +609,19 @@ class Runner:
         print(f"[{self.elapsed():7.1f}s] {text}", flush=True)
 
     def rows(self) -> dict[Key, dict[str, Any]]:
-        return done_rows(self.args.out, self.args.epochs, self.args.limit)
+        return done_rows(self.args.out, self.args.epochs, self.args.limit, self.args.max_grad_norm)
 
     def launch(self, job: Job) -> None:
         a = self.args
         cmd = [sys.executable, os.path.abspath(__file__), "run-one", "--task", job.task, "--method", job.method]
         cmd += ["--seed", str(job.seed), "--data", a.data, "--out", a.out, "--threads", str(self.threads)]
         cmd += ["--launched-at", repr(time.time()), "--command", self.command, "--concurrent-jobs", str(a.jobs)]
-        for flag, value in (("--model", a.model), ("--epochs", a.epochs), ("--limit", a.limit)):
+        for flag, value in (
+            ("--model", a.model),
+            ("--epochs", a.epochs),
+            ("--limit", a.limit),
+            ("--max-grad-norm", a.max_grad_norm),
+        ):
             if value is not None:
                 cmd += [flag, str(value)]
         if a.cpu:
@@ -683,7 +726,7 @@ def run_all(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown method/task {unknown}; methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)}")
     if args.model is None:
         args.model = default_model()
-    done = set(done_rows(args.out, args.epochs, args.limit))
+    done = set(done_rows(args.out, args.epochs, args.limit, args.max_grad_norm))
     jobs = plan_jobs(args.tasks, args.methods, args.seeds, done)
     runner = Runner(args)
     runner.say(
@@ -706,6 +749,9 @@ def add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--limit", type=int, default=None, help="cap train and dev rows (smoke tests)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    ap.add_argument(
+        "--max-grad-norm", type=float, default=None, help="clip every method's gradient norm (default: no clipping)"
+    )
 
 
 def parse_runner(argv: list[str]) -> argparse.Namespace:

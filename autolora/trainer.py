@@ -17,10 +17,10 @@ from autolora.bilevel import Bilevel, LossFn, _LossModule, default_loss
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
 from autolora.data import Cycle, check_nonempty, check_reiterable, lookahead, split_batches, to_device
 from autolora.distributed import DistContext, init_distributed
-from autolora.errors import ConfigError, StateError
+from autolora.errors import ConfigError, NonFiniteError, StateError
 from autolora.export import adapter_files, merged_model, write_adapter, write_merged
 from autolora.gates import default_threshold, sparsity_penalty
-from autolora.guard import check_step
+from autolora.guard import Guard
 from autolora.hypergrad import Engine, MetaGrads, get_engine, meta_gradients
 from autolora.inject import (
     check_rank_fits,
@@ -34,6 +34,18 @@ from autolora.layers import GatedLoRALinear, layer_dims
 from autolora.loggers import LoggerBase, make_logger
 from autolora.prune import THRESHOLD_RTOL, PrunePlan, adapter_parameters, budget_keep, threshold_keep
 from autolora.state import FP16_INIT_SCALE, TrainerState
+
+
+def _optimiser(cls: type[torch.optim.Optimizer], params, **kwargs) -> torch.optim.Optimizer:
+    """``cls(params, **kwargs)``, with the fused kernel when every parameter is on a CUDA device
+    and it supports them (one launch per step, and ``found_inf`` skips a step on the device)."""
+    params = list(params)
+    if params and all(p.device.type == "cuda" for p in params):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a dtype or device the fused kernel does not cover
+            pass
+    return cls(params, **kwargs)
 
 
 def linear_warmup(total: int, warmup: int) -> Callable[[int], float]:
@@ -164,6 +176,7 @@ class AutoLoRATrainer:
         self.removed: list[str] = []  # modules pruned to rank 0
         freeze_base(model, self.adapters, self.modules_to_save)
         self.state = TrainerState(loss_scale=FP16_INIT_SCALE if search.autocast == "fp16" else 1.0)
+        self._nonfinite = Guard(fp16=search.autocast == "fp16", skip=search.skip_nonfinite)
         self.plan: PrunePlan | None = None
         self._dist: DistContext | None = None
         self._build_optimisers()
@@ -210,15 +223,19 @@ class AutoLoRATrainer:
         s = self.search_config
         # after pruning every module to rank 0 nothing may be left to optimise
         self.weight_optimizer = (
-            torch.optim.AdamW(self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
+            _optimiser(torch.optim.AdamW, self.problem.weights, lr=s.lr, weight_decay=s.weight_decay)
             if self.problem.weights
             else None
         )
         self.selector_optimizer = (
-            torch.optim.Adam(self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
+            _optimiser(torch.optim.Adam, self.problem.selectors, lr=s.selector_lr, betas=s.selector_betas)
             if self.problem.selectors
             else None
         )
+        # bad steps are skipped on the device (fused optimisers take found_inf) and the host reads
+        # the verdict a step later; float16 needs its loss scale at once, so it settles every step
+        optimisers = [o for o in (self.weight_optimizer, self.selector_optimizer) if o is not None]
+        self._defer = bool(optimisers) and all(o.defaults.get("fused") for o in optimisers) and s.autocast != "fp16"
 
     @property
     def device(self) -> torch.device:
@@ -306,14 +323,29 @@ class AutoLoRATrainer:
         )
 
     @staticmethod
-    def _apply(optimizer: torch.optim.Optimizer, params, grads, max_norm: float | None = None) -> None:
+    def _apply(
+        optimizer: torch.optim.Optimizer,
+        params,
+        grads,
+        max_norm: float | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
         """One optimiser step with the given gradients (never accumulated into ``.grad``),
-        clipped to the total 2-norm ``max_norm`` first if given."""
+        clipped to the total 2-norm ``max_norm`` first if given. A fused optimiser given
+        ``found_inf`` (a device scalar) leaves parameters and state unchanged where it is
+        nonzero: the ``GradScaler`` protocol, without a scaler (``grad_scale`` None)."""
         for p, g in zip(params, grads):
             p.grad = g
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
+        if found_inf is None:
+            optimizer.step()
+        else:
+            optimizer.grad_scale, optimizer.found_inf = None, found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
 
     def _check_searchable(self, call: str) -> None:
@@ -468,6 +500,7 @@ class AutoLoRATrainer:
                 self._log_step(logger, self._metrics(last))  # always log the last step
             if bar is not None:
                 bar.close()
+        self._settle()
         dashboard.log_summary(logger, self, None if last is None else {k: float(v) for k, v in last.items()})
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
@@ -493,7 +526,9 @@ class AutoLoRATrainer:
         """
         self._check_searchable("step()")
         due = (self.state.step + 1) % self.search_config.selector_every == 0
-        return {k: float(v) for k, v in self._step([train_batch], [val_batch] if due else None).items()}
+        losses = self._step([train_batch], [val_batch] if due else None)
+        self._settle()
+        return {k: float(v) for k, v in losses.items()}
 
     def _step(self, train_batches: list, val_batches: list | None) -> dict[str, torch.Tensor]:
         """One step on micro-batches; returns its losses as device scalars (empty for a skipped
@@ -501,7 +536,8 @@ class AutoLoRATrainer:
         s = self.search_config
         step = self.state.step + 1
         meta = self._meta(train_batches, val_batches, self.engine)
-        if self._guard(meta, step):
+        skip, found_inf = self._check(meta, step)
+        if skip:
             self.state.step = step
             return {}
         selector_grads = None
@@ -513,9 +549,9 @@ class AutoLoRATrainer:
                 )
                 reg = torch.autograd.grad(penalty, self.problem.selectors)
                 selector_grads = [g + s.sparsity * r for g, r in zip(selector_grads, reg)]
-        self._apply(self.weight_optimizer, self.problem.weights, meta.weight_grads, s.max_grad_norm)
+        self._apply(self.weight_optimizer, self.problem.weights, meta.weight_grads, s.max_grad_norm, found_inf)
         if selector_grads is not None:
-            self._apply(self.selector_optimizer, self.problem.selectors, selector_grads)
+            self._apply(self.selector_optimizer, self.problem.selectors, selector_grads, found_inf=found_inf)
         self.state.step = step
         losses = {"loss/train": meta.train_loss}
         if meta.hyper is not None:
@@ -524,6 +560,7 @@ class AutoLoRATrainer:
 
     def _metrics(self, losses: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         """``losses`` plus ranks, counts and learning rates at the current state (for logging)."""
+        self._settle()  # the counters must include the last step
         ranks = self.ranks()
         metrics = {k: float(v) for k, v in losses.items()}
         metrics.update({f"rank/{n}": float(r) for n, r in ranks.items()})
@@ -539,10 +576,23 @@ class AutoLoRATrainer:
             metrics["lr/selectors"] = float(self.selector_optimizer.param_groups[0]["lr"])
         return metrics
 
-    def _guard(self, meta: MetaGrads, step: int) -> bool:
-        """True if this step must be skipped (see :func:`autolora.guard.check_step`)."""
-        s = self.search_config
-        return check_step(meta, step, self.state, fp16=s.autocast == "fp16", skip=s.skip_nonfinite)
+    def _check(self, meta: MetaGrads, step: int, search: bool = True) -> tuple[bool, torch.Tensor | None]:
+        """Check step ``step`` (see :class:`autolora.guard.Guard`): (skip it now, ``found_inf``
+        for the optimisers). Deferred, the host skips nothing and the device does."""
+        self._settle(search)
+        found_inf = self._nonfinite.check(meta, step, self.state, defer=self._defer)
+        if self._defer:
+            return False, found_inf
+        return self._settle(search), None
+
+    def _settle(self, search: bool = True) -> bool:
+        """Settle the pending step; a failed search step does not count as taken."""
+        try:
+            return self._nonfinite.settle(self.state)
+        except NonFiniteError as e:
+            if search:
+                self.state.step = e.step - 1
+            raise
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(
@@ -553,6 +603,7 @@ class AutoLoRATrainer:
         ``call_start`` is the (step, epoch) at which the current ``fit`` call began, so that a
         resumed call finishes the same budget.
         """
+        self._settle()
         path = None
         if self.is_main_process:
             tensors, state = checkpoint.capture(self, call_start or (self.state.step, self.state.epoch))
@@ -735,10 +786,10 @@ class AutoLoRATrainer:
             while step < total:
                 for i in torch.randperm(len(batches), generator=order).tolist():
                     meta = self._meta([batches[i]], None, engine=None)
-                    if not self._guard(meta, step + 1):
-                        self._apply(
-                            optimizer, self.problem.weights, meta.weight_grads, self.search_config.max_grad_norm
-                        )
+                    skip, found_inf = self._check(meta, step + 1, search=False)
+                    if not skip:
+                        max_norm = self.search_config.max_grad_norm
+                        self._apply(optimizer, self.problem.weights, meta.weight_grads, max_norm, found_inf)
                     schedule.step()
                     step += 1
                     if step == 1 or step == total or step % self.logging_config.log_every == 0:
@@ -754,6 +805,7 @@ class AutoLoRATrainer:
         finally:
             if bar is not None:
                 bar.close()
+        self._settle(search=False)
         self.retrained = True
         return self
 

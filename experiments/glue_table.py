@@ -3,7 +3,8 @@ parameters, wall time, ranks, and a check of the four bars AutoLoRA has to clear
 
     python experiments/glue_table.py experiments/results/glue.jsonl > experiments/results/glue.md
 
-Rows are grouped by setting (``--epochs`` / ``--limit`` of the pass), one section per setting.
+Rows are grouped by setting (``--epochs`` / ``--limit`` / ``--max-grad-norm`` of the pass), one
+section per setting.
 Cells are mean ± sample std over seeds, with the number of seeds (n). The five-task average is
 the mean of the per-task means, shown only when all five tasks are present. The bar checks
 compare methods on the (task, seed) pairs both have, so a partial pass compares like with like.
@@ -285,13 +286,14 @@ def _n(common: dict[str, list[int]]) -> str:
 
 
 def render(path: str, rows: list[Row]) -> str:
-    groups: dict[tuple[Any, Any], list[Row]] = defaultdict(list)
+    groups: dict[tuple[Any, Any, Any], list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r.get("epochs_arg"), r.get("limit"))].append(r)
+        groups[(r.get("epochs_arg"), r.get("limit"), r.get("max_grad_norm"))].append(r)
     lines = header(path, rows)
-    for (epochs, limit), group in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, str(kv[0]))):
+    for (epochs, limit, clip), group in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, str(kv[0]))):
         title = "default epochs (10; SST-2 1)" if epochs is None else f"--epochs {epochs}"
         title += ", full data" if limit is None else f", --limit {limit} (smoke test: metrics meaningless)"
+        title += "" if clip is None else f", gradient norm clipped to {clip:g} (every method)"
         lines += ["", f"## {title}", *section(group)]
     return "\n".join(lines).rstrip() + "\n"
 

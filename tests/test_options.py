@@ -80,11 +80,11 @@ def test_fp16_overflow_halves_the_loss_scale_and_skips():
     t = _mlp(autocast="fp16")
     g = torch.ones(3)
     overflow = MetaGrads(torch.tensor(1.0), (g * float("inf"),), Hypergrad((g,), torch.tensor(1.0)))
-    assert t._guard(overflow, 1) is True
+    assert t._check(overflow, 1) == (True, None)  # settled at once: the next scale depends on it
     assert (t.state.loss_scale, t.state.skipped_steps) == (2.0**15, 1)
     nan_loss = MetaGrads(torch.tensor(float("nan")), (g,), None)
     with pytest.raises(NonFiniteError, match="train loss"):
-        t._guard(nan_loss, 2)  # a non-finite *loss* is not an overflow
+        t._check(nan_loss, 2)  # a non-finite *loss* is not an overflow
 
 
 def test_gradient_checkpointing_gives_the_same_hypergradient():

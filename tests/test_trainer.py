@@ -139,3 +139,44 @@ def test_tensorboard_logs_integer_ranks(tmp_path):
         values = [e.value for e in acc.Scalars(f"rank/{name}")]
         assert all(v == int(v) and 1 <= v <= 4 for v in values)
         assert values[-1] == t.ranks()[name]
+
+
+def _deferred(t):
+    """The CUDA configuration, on CPU: fused optimisers skip bad steps on the device and the
+    host settles each step's verdict one step later."""
+    s = t.search_config
+    t.weight_optimizer = torch.optim.AdamW(t.problem.weights, lr=s.lr, fused=True)
+    t.selector_optimizer = torch.optim.Adam(t.problem.selectors, lr=s.selector_lr, betas=s.selector_betas, fused=True)
+    t._defer = True
+    return t
+
+
+@pytest.mark.parametrize("engine", ["first_order", "darts"])
+def test_deferred_check_skips_on_the_device_and_raises_one_step_later(engine):
+    t = _deferred(_mlp(hypergrad=engine))
+    batches = mlp_batches(4)
+    t.fit(batches, batches[:2], max_steps=1)
+    before = _params(t)
+    adam_steps = [float(s["step"]) for s in t.weight_optimizer.state.values()]
+    bad = (batches[0][0] * float("nan"), batches[0][1])
+    t._step([bad], [batches[1]])  # deferred: no error yet, and the device skipped the update
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    assert [float(s["step"]) for s in t.weight_optimizer.state.values()] == adam_steps  # state untouched too
+    with pytest.raises(NonFiniteError, match="step 2: the train loss"):
+        t._step([batches[2]], [batches[1]])  # settles step 2 before updating with step 3
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    assert t.state.step == 1  # the failed step does not count as taken
+
+
+def test_deferred_skip_counts_at_the_next_settle_and_training_goes_on():
+    t = _deferred(_mlp(skip_nonfinite=True))
+    batches = mlp_batches(4)
+    t.fit(batches, batches[:2], max_steps=1)
+    before = _params(t)
+    t._step([(batches[0][0] * float("nan"), batches[0][1])], None)
+    assert t.state.skipped_steps == 0  # not read back yet
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    t.fit(batches, batches[:2], max_steps=2)  # settles it, then trains on
+    assert t.state.skipped_steps == 1 and t.state.step == 4
+    assert any(not torch.equal(before[n], p) for n, p in _params(t).items())
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())

@@ -25,7 +25,15 @@ class DataError(AutoLoRAError):
 
 
 class NonFiniteError(AutoLoRAError):
-    """A loss or gradient was NaN or infinite; no parameter was changed."""
+    """A loss or gradient was NaN or infinite; no parameter was changed.
+
+    Attributes:
+        step: The step that failed (``None`` if unknown).
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class StateError(AutoLoRAError):

@@ -108,13 +108,12 @@ class Guard:
             if overflow:
                 state.loss_scale = max(state.loss_scale / 2, 1.0)
             return True
-        error = NonFiniteError(
+        raise NonFiniteError(
             f"step {pending.step}: the {' and the '.join(bad)} is not finite (NaN or inf); no parameter was "
             "changed. Check that batch for bad values, lower lr / selector_lr, or pass skip_nonfinite=True to "
-            "skip such steps."
+            "skip such steps.",
+            step=pending.step,
         )
-        error.step = pending.step
-        raise error
 
 
 def check_step(meta: MetaGrads, step: int, state: TrainerState, *, fp16: bool, skip: bool) -> bool:

@@ -162,8 +162,9 @@ def test_deferred_check_skips_on_the_device_and_raises_one_step_later(engine):
     t._step([bad], [batches[1]])  # deferred: no error yet, and the device skipped the update
     assert all(torch.equal(before[n], p) for n, p in _params(t).items())
     assert [float(s["step"]) for s in t.weight_optimizer.state.values()] == adam_steps  # state untouched too
-    with pytest.raises(NonFiniteError, match="step 2: the train loss"):
+    with pytest.raises(NonFiniteError, match="step 2: the train loss") as failed:
         t._step([batches[2]], [batches[1]])  # settles step 2 before updating with step 3
+    assert failed.value.step == 2
     assert all(torch.equal(before[n], p) for n, p in _params(t).items())
     assert t.state.step == 1  # the failed step does not count as taken
 

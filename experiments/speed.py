@@ -3,9 +3,12 @@
 GPU mode (the default on a CUDA machine): RoBERTa-base shape with random weights, batch 32 x 128
 tokens, bf16 autocast over fp32 parameters, LoRA on query/value, max_rank 64. Every case builds
 its own model, warms up, times ``--iters`` iterations (CUDA-synchronised, median ms) and records
-the peak of ``torch.cuda.max_memory_allocated``; everything is freed between cases.
+the peak of ``torch.cuda.max_memory_allocated``; everything is freed between cases. The whole case
+sequence runs ``--rounds`` times; ratios are taken within a round (the host's load moves between
+rounds), and round 1 also counts each case's kernels and device busy time with torch.profiler.
 
-    python experiments/speed.py --out experiments/results/speed.md
+    python experiments/speed.py --rounds 4 --out experiments/results/speed.md
+    AUTOLORA_GIT_REV=<commit> python experiments/speed.py ...   # on a copy without current git metadata
     python experiments/speed.py --cases peft_lora,plain,first_order --iters 40
     python experiments/speed.py --profile darts --profile-out /tmp/profile_darts.txt
 
@@ -356,6 +359,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_revision() -> str:
+    """The checkout's commit (+dirty), or ``$AUTOLORA_GIT_REV`` when set: a copy of the checkout on
+    another machine may carry stale git metadata, so pass the revision from where it is known."""
+    if os.environ.get("AUTOLORA_GIT_REV"):
+        return os.environ["AUTOLORA_GIT_REV"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)

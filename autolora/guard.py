@@ -55,21 +55,22 @@ class Guard:
         self.fp16, self.skip = fp16, skip
         self._pending: _Pending | None = None
 
-    def check(self, meta: MetaGrads, step: int, state: TrainerState, *, defer: bool) -> torch.Tensor:
-        """Flag step ``step`` and return its ``found_inf`` (a float32 device scalar, 1 = skip).
+    def check(self, meta: MetaGrads, step: int, *, defer: bool) -> torch.Tensor | None:
+        """Flag step ``step``; deferred, return its ``found_inf`` (a float32 device scalar, 1 = skip)
+        for the fused optimisers.
 
-        First settles the step before it, which may raise for that one. The new step is left
-        pending: with ``defer`` on CUDA its flags are copied to the host behind an event (never
-        defer with float16: the next step needs the loss scale); without ``defer`` the caller
-        settles it at once with :meth:`settle`.
+        The step before it must be settled first (:meth:`settle`). The new step is left pending:
+        with ``defer`` on CUDA its flags are copied to the host behind an event (never defer with
+        float16: the next step needs the loss scale); without ``defer`` the caller settles it at
+        once with :meth:`settle`, and ``found_inf`` is None.
         """
-        self.settle(state)
+        assert self._pending is None, "settle() the previous step before checking the next"
         parts = [("train loss", [meta.train_loss]), ("weight gradient", meta.weight_grads)]
         if meta.hyper is not None:
             parts += [("validation loss", [meta.hyper.val_loss]), ("selector hypergradient", meta.hyper.selector_grads)]
         device = meta.train_loss.device
         bad = ~torch.stack([_max_abs(ts).to(device) for _, ts in parts]).isfinite()
-        found_inf = bad.any().float()
+        found_inf = bad.any().float() if defer else None
         names = [what for what, _ in parts]
         flags, ready = bad, None
         if defer and device.type == "cuda":
@@ -114,14 +115,6 @@ class Guard:
             "skip such steps.",
             step=pending.step,
         )
-
-
-def check_step(meta: MetaGrads, step: int, state: TrainerState, *, fp16: bool, skip: bool) -> bool:
-    """Check one step at once: True if it must be skipped; raises ``NonFiniteError`` unless
-    ``skip`` (see :class:`Guard`)."""
-    guard = Guard(fp16=fp16, skip=skip)
-    guard.check(meta, step, state, defer=False)
-    return guard.settle(state)
 
 
 def _max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -67,19 +67,31 @@ def _first_order(problem: Bilevel, train_batches, val_batches, train_grads, **_)
     return Hypergrad(grads, val_loss)
 
 
+def _virtual_validation(problem: Bilevel, val_batches, train_grads, xi: float):
+    """The validation pass at the virtual weights w' = w - xi g, detached from g.
+
+    Returns:
+        (validation loss, v = grad_w' L_val(w'), grad_beta L_val(w')).
+    """
+    n = len(problem.weights)
+    with torch.no_grad():
+        w_virtual = [
+            x.requires_grad_() for x in torch._foreach_add(list(problem.weights), list(train_grads), alpha=-xi)
+        ]
+    val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
+    return val_loss, list(grads[:n]), grads[n:]
+
+
 def _darts(
     problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, fd_epsilon: float, train_rng: RngSnapshot
 ) -> Hypergrad:
-    n = len(problem.weights)
-    with torch.no_grad():
-        w = [p.detach() for p in problem.weights]
-        w_virtual = [x.requires_grad_() for x in torch._foreach_add(w, list(train_grads), alpha=-xi)]
-    val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
-    v, direct = list(grads[:n]), grads[n:]
+    val_loss, v, direct = _virtual_validation(problem, val_batches, train_grads, xi)
     norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)).double()))  # the one sync
     if xi == 0 or not math.isfinite(norm) or norm == 0:
         return Hypergrad(direct, val_loss)
     eps = fd_epsilon / norm
+
+    w = [p.detach() for p in problem.weights]
 
     def train_selector_grads(sign: float) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -101,13 +113,7 @@ def _unrolled(problem: Bilevel, train_batches, val_batches, train_grads, *, xi: 
     # allowed) and its graph is freed before the double backward through the train graph runs,
     # so the two never share the memory peak. The result is exact, the same as differentiating
     # through w' directly.
-    n = len(problem.weights)
-    with torch.no_grad():
-        w_virtual = [
-            x.requires_grad_() for x in torch._foreach_add(list(problem.weights), list(train_grads), alpha=-xi)
-        ]
-    val_loss, grads = problem.value_and_grad(val_batches, [*w_virtual, *problem.selectors], w_virtual)
-    v, direct = grads[:n], grads[n:]
+    val_loss, v, direct = _virtual_validation(problem, val_batches, train_grads, xi)
     if xi == 0:
         return Hypergrad(direct, val_loss)
     scale = float(problem.loss_scale)  # float16: keep the double backward above underflow too

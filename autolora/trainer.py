@@ -580,8 +580,8 @@ class AutoLoRATrainer:
         """Check step ``step`` (see :class:`autolora.guard.Guard`): (skip it now, ``found_inf``
         for the optimisers). Deferred, the host skips nothing and the device does."""
         self._settle(search)
-        found_inf = self._nonfinite.check(meta, step, self.state, defer=self._defer)
-        if self._defer:
+        found_inf = self._nonfinite.check(meta, step, defer=self._defer)
+        if found_inf is not None:
             return False, found_inf
         return self._settle(search), None
 
@@ -792,14 +792,16 @@ class AutoLoRATrainer:
                         self._apply(optimizer, self.problem.weights, meta.weight_grads, max_norm, found_inf)
                     schedule.step()
                     step += 1
-                    if step == 1 or step == total or step % self.logging_config.log_every == 0:
+                    logged = step == 1 or step == total or step % self.logging_config.log_every == 0
+                    if logged:  # reading the loss waits for the device: only on logged steps
+                        loss = float(meta.train_loss)
                         logger.log_dict(
-                            {"retrain/loss": float(meta.train_loss), "retrain/lr": schedule.get_last_lr()[0]},
-                            self.state.step + step,
+                            {"retrain/loss": loss, "retrain/lr": schedule.get_last_lr()[0]}, self.state.step + step
                         )
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{float(meta.train_loss):.4f}")
+                        if logged:
+                            bar.set_postfix(loss=f"{loss:.4f}")
                     if step >= total:
                         break
         finally:

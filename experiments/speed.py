@@ -400,17 +400,19 @@ def load_average() -> str:
 # ----------------------------------------------------------------------------- GPU-style timing
 
 
+def block_means(times: Sequence[float], block: int) -> list[float]:
+    """Per-iteration time of each non-overlapping block of ``block`` consecutive iterations."""
+    return [sum(times[i : i + block]) / block for i in range(0, len(times) - block + 1, block)]
+
+
 def block_median(times: Sequence[float], block: int) -> float:
     """Median over non-overlapping blocks of ``block`` consecutive iterations, per iteration."""
-    if block == 1:
-        return statistics.median(times)
-    sums = [sum(times[i : i + block]) / block for i in range(0, len(times) - block + 1, block)]
-    return statistics.median(sums)
+    return statistics.median(block_means(times, block))
 
 
 def block_min(times: Sequence[float], block: int) -> float:
     """The fastest non-overlapping block of ``block`` iterations, per iteration."""
-    return min(sum(times[i : i + block]) / block for i in range(0, len(times) - block + 1, block))
+    return min(block_means(times, block))
 
 
 def count_kernels(runner: Runner, first: int, n: int, device: torch.device) -> dict[str, float]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autolora.errors import NonFiniteError
-from autolora.guard import check_step
+from autolora.guard import Guard
 from autolora.hypergrad import Hypergrad, MetaGrads
 from autolora.state import TrainerState
 
@@ -15,6 +15,13 @@ def meta(weight_grads, selector_grads=None, train_loss=1.0, val_loss=1.0) -> Met
     if selector_grads is not None:
         hyper = Hypergrad(tuple(selector_grads), torch.tensor(val_loss))
     return MetaGrads(torch.tensor(train_loss), tuple(weight_grads), hyper)
+
+
+def check_step(meta, step, state, *, fp16, skip) -> bool:
+    """Check one step and settle it at once: True if it is skipped."""
+    guard = Guard(fp16=fp16, skip=skip)
+    assert guard.check(meta, step, defer=False) is None
+    return guard.settle(state)
 
 
 def grads(n=7, bad_at=None, bad=float("nan"), dtype=torch.float32):

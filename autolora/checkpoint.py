@@ -7,9 +7,11 @@ A checkpoint is a folder ``step-<N>`` holding
   dicts only, loaded with ``torch.load(weights_only=True)``, so nothing is unpickled);
 - ``checkpoint.json``: the fingerprint of the model and config, and the SHA-256 of each file.
 
-It is written into a temporary folder and renamed into place, and ``checkpoint.json`` is written
-last, so a folder without it, or whose files do not match their hashes, is incomplete and
-skipped. The newest ``keep`` checkpoints are kept.
+It is written into a temporary folder and renamed into place
+(:func:`~autolora.plan.atomic.atomic_dir`), and ``checkpoint.json`` is written last, so a folder
+without it, or whose files do not match their hashes, is incomplete and skipped. The newest
+``keep`` checkpoints are kept. Capture and restore work on a
+:class:`~autolora.search.step.Search`, never on the trainer.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from autolora.config import AdapterConfig
 from autolora.errors import StateError
+from autolora.plan.atomic import atomic_dir
 from autolora.state import TrainerState
 
 if TYPE_CHECKING:
-    from autolora.trainer import AutoLoRATrainer
+    from autolora.search.step import Search
 
 MANIFEST = "checkpoint.json"
 TENSORS = "adapter.safetensors"
@@ -95,20 +99,17 @@ def save(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-    torch.save(state, tmp / STATE)
-    manifest = {
-        "step": step,
-        "fingerprint": fingerprint,
-        "sha256": {name: _sha256(tmp / name) for name in (TENSORS, STATE)},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if final.exists():  # the same step saved again (e.g. the end of a call after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # an existing step-N (the same step saved again, e.g. the end of a call after a periodic
+    # save) is replaced
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        torch.save(state, tmp / STATE)
+        manifest = {
+            "step": step,
+            "fingerprint": fingerprint,
+            "sha256": {name: _sha256(tmp / name) for name in (TENSORS, STATE)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for old in complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -165,59 +166,59 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def _named(trainer: AutoLoRATrainer) -> dict[str, torch.Tensor]:
-    """The trainer's adapter state by checkpoint key: weights and selectors, never the base."""
-    p = trainer.problem
+def _named(search: Search) -> dict[str, torch.Tensor]:
+    """The search's adapter state by checkpoint key: weights and selectors, never the base."""
+    p = search.problem
     named = {f"weight/{n}": w for n, w in zip(p.weight_names, p.weights)}
     return named | {f"selector/{n}": b for n, b in zip(p.selector_names, p.selectors)}
 
 
-def fingerprint(trainer: AutoLoRATrainer) -> dict:
-    """What a checkpoint must agree on to be resumed into ``trainer`` (JSON-normalised)."""
-    p = trainer.problem
+def fingerprint(search: Search, adapter_config: AdapterConfig) -> dict:
+    """What a checkpoint must agree on to be resumed into ``search`` (JSON-normalised)."""
+    p = search.problem
     record = {
-        "model": type(trainer.model).__name__,
-        "adapters": {n: [a.rank, a.in_features, a.out_features] for n, a in trainer.adapters.items()},
+        "model": type(p.model).__name__,
+        "adapters": {n: [a.rank, a.in_features, a.out_features] for n, a in search.adapters.items()},
         "weights": {n: list(w.shape) for n, w in zip(p.weight_names, p.weights)},
-        "adapter_config": asdict(trainer.adapter_config),
-        "search_config": asdict(trainer.search_config),
+        "adapter_config": asdict(adapter_config),
+        "search_config": asdict(search.config),
     }
     return json.loads(json.dumps(record, default=str))
 
 
-def capture(trainer: AutoLoRATrainer, call_start: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of ``trainer`` for :func:`save`; ``call_start`` is the (step, epoch) at
+def capture(search: Search, call_start: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of ``search`` for :func:`save`; ``call_start`` is the (step, epoch) at
     which the current ``fit`` call began, so a resumed call finishes the same budget."""
-    weight_opt, selector_opt = trainer.weight_optimizer, trainer.selector_optimizer
+    weight_opt, selector_opt = search.weight_optimizer, search.selector_optimizer
     state = {
-        "trainer": asdict(trainer.state),
+        "trainer": asdict(search.state),
         "call_start": list(call_start),
         "weight_optimizer": weight_opt.state_dict() if weight_opt else None,
         "selector_optimizer": selector_opt.state_dict() if selector_opt else None,
         "scheduler": None,  # the search runs at constant learning rates
         "rng": rng_state(),
     }
-    return _named(trainer), state
+    return _named(search), state
 
 
-def restore(trainer: AutoLoRATrainer, saved: Checkpoint) -> tuple[int, int]:
-    """Load a verified checkpoint into ``trainer``; returns its fit call's (step, epoch).
+def restore(search: Search, adapter_config: AdapterConfig, saved: Checkpoint) -> tuple[int, int]:
+    """Load a verified checkpoint into ``search``; returns its fit call's (step, epoch).
 
     Raises:
         StateError: if the checkpoint is from another model or config.
     """
-    check_fingerprint(saved.fingerprint, fingerprint(trainer), saved.path)
-    named = _named(trainer)
+    check_fingerprint(saved.fingerprint, fingerprint(search, adapter_config), saved.path)
+    named = _named(search)
     if set(named) != set(saved.tensors):
         raise StateError(f"checkpoint {saved.path} holds other tensors than this trainer's adapters.")
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(saved.tensors[name])
-    if trainer.weight_optimizer is not None:
-        trainer.weight_optimizer.load_state_dict(saved.state["weight_optimizer"])
-    if trainer.selector_optimizer is not None:
-        trainer.selector_optimizer.load_state_dict(saved.state["selector_optimizer"])
-    trainer.state = TrainerState(**saved.state["trainer"])
+    if search.weight_optimizer is not None:
+        search.weight_optimizer.load_state_dict(saved.state["weight_optimizer"])
+    if search.selector_optimizer is not None:
+        search.selector_optimizer.load_state_dict(saved.state["selector_optimizer"])
+    search.state = TrainerState(**saved.state["trainer"])
     set_rng_state(saved.state["rng"])
     step, epoch = saved.state["call_start"]
     return int(step), int(epoch)

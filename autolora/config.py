@@ -1,7 +1,8 @@
 """Frozen, validated configuration: one dataclass per concern.
 
 The Python API (:class:`~autolora.AutoLoRATrainer`) and the YAML configs of the CLI map onto the
-same dataclasses, so a value is validated the same way wherever it comes from.
+same dataclasses, so a value is validated the same way wherever it comes from. Each default is
+declared here once; the trainer's keyword arguments are these fields.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from autolora.errors import ConfigError
 GateKind = Literal["softmax", "sigmoid"]
 EngineName = Literal["first_order", "darts", "unrolled", "higher"]
 AutocastKind = Literal["bf16", "fp16"]
+LoggerName = Literal["tensorboard", "jsonl"]
 
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
-ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)  # the keys of autolora.search.hypergrad.ENGINES
 AUTOCAST_KINDS: tuple[str, ...] = get_args(AutocastKind)
-LOGGER_NAMES: tuple[str, ...] = ("tensorboard", "jsonl")
+LOGGER_NAMES: tuple[str, ...] = get_args(LoggerName)  # the keys of autolora.logging.LOGGERS
 
 
-def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
+def check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{field}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
-def _check_positive(field: str, value: float, *, allow_zero: bool = False) -> None:
+def check_positive(field: str, value: float, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -35,12 +37,12 @@ def _check_positive(field: str, value: float, *, allow_zero: bool = False) -> No
         raise ConfigError(f"{field}={value!r} is invalid; it must be {bound}.")
 
 
-def _check_int(field: str, value: object, *, minimum: int) -> None:
+def check_int(field: str, value: object, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{field}={value!r} is invalid; it must be an integer >= {minimum}.")
 
 
-def _check_bool(field: str, value: object) -> None:
+def check_bool(field: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{field}={value!r} is invalid; it must be true or false.")
 
@@ -77,14 +79,14 @@ class AdapterConfig:
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_rank", self.max_rank, minimum=1)
-        _check_positive("lora_alpha", self.lora_alpha)
-        _check_choice("gate", self.gate, GATE_KINDS)
-        _check_positive("lora_dropout", self.lora_dropout, allow_zero=True)
+        check_int("max_rank", self.max_rank, minimum=1)
+        check_positive("lora_alpha", self.lora_alpha)
+        check_choice("gate", self.gate, GATE_KINDS)
+        check_positive("lora_dropout", self.lora_dropout, allow_zero=True)
         if self.lora_dropout >= 1:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; it must be in [0, 1).")
         if self.scale is not None:
-            _check_positive("scale", self.scale)
+            check_positive("scale", self.scale)
         for field in ("target_modules", "modules_to_save"):
             value = getattr(self, field)
             if isinstance(value, list):  # accept lists, store tuples (hashable, immutable)
@@ -162,12 +164,14 @@ class SearchConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("hypergrad", self.hypergrad, ENGINE_NAMES)
-        _check_positive("lr", self.lr)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.hypergrad not in ENGINE_NAMES:
+            choices = ", ".join(map(repr, ENGINE_NAMES))
+            raise ConfigError(f"hypergrad={self.hypergrad!r} is not an engine; choose one of {choices}.")
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
         if self.max_grad_norm is not None:
-            _check_positive("max_grad_norm", self.max_grad_norm)
-        _check_positive("selector_lr", self.selector_lr)
+            check_positive("max_grad_norm", self.max_grad_norm)
+        check_positive("selector_lr", self.selector_lr)
         if isinstance(self.selector_betas, list):
             object.__setattr__(self, "selector_betas", tuple(self.selector_betas))
         betas = self.selector_betas
@@ -179,18 +183,18 @@ class SearchConfig:
         ):
             raise ConfigError(f"selector_betas={betas!r} is invalid; give two numbers in [0, 1).")
         if self.inner_lr is not None:
-            _check_positive("inner_lr", self.inner_lr, allow_zero=True)
-        _check_positive("sparsity", self.sparsity, allow_zero=True)
-        _check_int("selector_every", self.selector_every, minimum=1)
-        _check_positive("fd_epsilon", self.fd_epsilon)
+            check_positive("inner_lr", self.inner_lr, allow_zero=True)
+        check_positive("sparsity", self.sparsity, allow_zero=True)
+        check_int("selector_every", self.selector_every, minimum=1)
+        check_positive("fd_epsilon", self.fd_epsilon)
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid; it must be in (0, 1).")
-        _check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0)
         if self.autocast is not None:
-            _check_choice("autocast", self.autocast, AUTOCAST_KINDS)
-        _check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
-        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        _check_bool("skip_nonfinite", self.skip_nonfinite)
+            check_choice("autocast", self.autocast, AUTOCAST_KINDS)
+        check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        check_bool("skip_nonfinite", self.skip_nonfinite)
 
     @property
     def xi(self) -> float:
@@ -213,11 +217,11 @@ class LoggingConfig:
     log_dir: str | None = None
     log_every: int = 10
     progress: bool = True
-    loggers: tuple[str, ...] = ("tensorboard", "jsonl")
+    loggers: tuple[LoggerName, ...] = LOGGER_NAMES
 
     def __post_init__(self) -> None:
-        _check_int("log_every", self.log_every, minimum=1)
-        _check_bool("progress", self.progress)
+        check_int("log_every", self.log_every, minimum=1)
+        check_bool("progress", self.progress)
         if isinstance(self.loggers, (list, str)):
             object.__setattr__(
                 self, "loggers", (self.loggers,) if isinstance(self.loggers, str) else tuple(self.loggers)
@@ -225,7 +229,7 @@ class LoggingConfig:
         if not self.loggers or not isinstance(self.loggers, tuple):
             raise ConfigError(f"loggers={self.loggers!r} is invalid; give a list from 'tensorboard', 'jsonl'.")
         for name in self.loggers:
-            _check_choice("loggers", name, LOGGER_NAMES)
+            check_choice("loggers", name, LOGGER_NAMES)
         if self.log_dir is not None:
             object.__setattr__(self, "log_dir", str(self.log_dir))
 

@@ -90,3 +90,26 @@ def lookahead(data: Iterable) -> Iterator[tuple[int, Any, bool]]:
         following = next(it, sentinel)
         yield i, current, following is sentinel
         current, i = following, i + 1
+
+
+def fit_data(train_data: Iterable, val_data: Iterable | None, fraction: float, seed: int) -> tuple[Iterable, Iterable]:
+    """Checked (train, validation) data; ``val_data=None`` splits the train batches
+    (:func:`split_batches`)."""
+    check_reiterable(train_data, "train_data")
+    check_nonempty(train_data, "train_data")
+    if val_data is None:
+        return split_batches(list(train_data), fraction, seed)
+    check_reiterable(val_data, "val_data")
+    check_nonempty(val_data, "val_data")
+    return train_data, val_data
+
+
+def retrain_batches(train_data: Iterable, val_data: Iterable | None) -> list:
+    """The batches of ``retrain``: the train batches, then the validation batches if given."""
+    check_reiterable(train_data, "train_data")
+    check_nonempty(train_data, "train_data")
+    batches = list(train_data)
+    if val_data is not None:
+        check_reiterable(val_data, "val_data")
+        batches += list(val_data)
+    return batches

@@ -2,7 +2,7 @@
 
 Each process passes its own shard of the data. Every gradient of the bilevel step (the train
 gradient, the validation gradient, DARTS's finite-difference passes) is averaged across
-processes where it is computed (:meth:`~autolora.bilevel.Bilevel.value_and_grad`), so each
+processes where it is computed (:meth:`~autolora.search.bilevel.Bilevel.value_and_grad`), so each
 process takes the step the single-process maths would take on the union of the shards.
 """
 
@@ -67,6 +67,14 @@ class DistContext:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher for two or more processes (or already
+    belongs to such a group), so a search here will run data-parallel."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() >= 2
+    return all(v in os.environ for v in LAUNCHER_VARS) and int(os.environ["WORLD_SIZE"]) >= 2
 
 
 def init_distributed(device: torch.device) -> DistContext | None:

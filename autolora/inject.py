@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from autolora.errors import TargetError
+from autolora.config import AdapterConfig
+from autolora.errors import ConfigError, TargetError
 from autolora.layers import ADAPTABLE_TYPES, GatedLoRALinear
 
 
@@ -183,3 +184,67 @@ def freeze_base(model: nn.Module, adapters: dict[str, GatedLoRALinear], modules_
     for name in modules_to_save:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+
+
+def shrink_adapters(model: nn.Module, adapters: dict[str, GatedLoRALinear], keep: dict[str, list[int]]) -> list[str]:
+    """Shrink each adapter to its kept components; one that keeps none is removed from
+    ``adapters`` and its plain base layer put back. Returns the removed names."""
+    import torch
+
+    removed = []
+    for name, idx in keep.items():
+        adapter = adapters[name]
+        if idx:
+            adapter.shrink(torch.tensor(idx))
+        else:  # rank 0: put the plain base layer back
+            replace_module(model, name, adapter.base_layer)
+            del adapters[name]
+            removed.append(name)
+    return removed
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """``model.gradient_checkpointing_enable`` with the non-reentrant implementation, which
+    ``autograd.grad`` (every engine uses it) needs.
+
+    Raises:
+        ConfigError: if the model has no such method (Hugging Face models do).
+    """
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(
+            f"gradient_checkpointing=True calls model.gradient_checkpointing_enable(), which "
+            f"{type(model).__name__} does not have (Hugging Face models do). Wrap your blocks in "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself and leave this off."
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def inject_gated(
+    model: nn.Module, adapter: AdapterConfig, seed: int, *, gradient_checkpointing: bool = False
+) -> tuple[dict[str, GatedLoRALinear], list[str]]:
+    """Put a gated adapter into every target of ``model`` and freeze the rest.
+
+    Everything is checked before the model changes. Adapter inits draw from a generator seeded
+    with ``seed``.
+
+    Returns:
+        ({module: adapter}, the resolved ``modules_to_save``).
+    """
+    import torch
+
+    modules_to_save = resolve_modules_to_save(model, adapter.modules_to_save)
+    names = resolve_targets(model, adapter.target_modules, modules_to_save)
+    check_rank_fits(model, names, adapter.max_rank)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(layer: nn.Module) -> GatedLoRALinear:
+        return GatedLoRALinear(
+            layer, adapter.max_rank, adapter.effective_scale, adapter.gate, adapter.lora_dropout, generator=gen
+        )
+
+    adapters = inject_adapters(model, names, make)
+    freeze_base(model, adapters, modules_to_save)
+    return adapters, modules_to_save

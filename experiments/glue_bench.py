@@ -43,9 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autolora.data import to_device
-from autolora.glue import TASKS, Examples, evaluate, load_glue, make_batches
-from autolora.trainer import linear_warmup  # the retrain schedule, so baselines train on the same one
+from autolora import GLUE_TASKS as TASKS
+from autolora import Examples, evaluate, linear_warmup, load_glue, make_batches, to_device
 
 # ----------------------------------------------------------------------------------------- setup
 ALL_TASKS: tuple[str, ...] = ("MRPC", "RTE", "CoLA", "STS-B", "SST-2")

@@ -6,7 +6,7 @@ script counts them under ``torch.profiler`` on CPU (a 12-layer, hidden-64 RoBERT
 bf16 autocast) and lists the operators autolora's step calls more often than a PEFT LoRA step::
 
     python experiments/host_ops.py                 # the plain (weights-only) step
-    python experiments/host_ops.py --case darts    # any case of experiments/speed.py
+    python experiments/host_ops.py --case darts    # any case of experiments/speedcases.py
     PYTHONPATH=<older autolora> python experiments/host_ops.py   # the same count for older code
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # the benchmark's cases and batches
+import speedcases as speed  # the benchmark's cases and batches
 
 SETUP = speed.Setup(
     "roberta-12x64",

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from autolora import AutoLoRATrainer
-from autolora.glue import evaluate, load_glue, make_batches
+from autolora import AutoLoRATrainer, evaluate, load_glue, make_batches
 
 
 def default_model() -> str:
@@ -118,7 +117,7 @@ def main() -> None:
         **counts,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    from autolora.report import write_report
+    from autolora import write_report
 
     print(f"rank report: {write_report(out)} (TensorBoard: tensorboard --logdir {out / 'logs'})")
 

@@ -1,0 +1,1 @@
+"""From gates to a final adapter: rank rules, the PEFT export, and atomic folder writes."""

@@ -1,0 +1,237 @@
+"""Rank decisions: which components each layer keeps.
+
+Rules work on gate values only (``{module: gates}``) and return the kept component indices per
+module, in ascending order. Shrinking the adapters is the trainer's business; this module is pure.
+:func:`kept_counts` is the one place that counts the components a threshold keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from autolora.errors import ConfigError, StateError
+
+# A relative slack on thresholds, so that float rounding of uniform gates (exactly 1/r in exact
+# arithmetic) never drops a component that sits on the threshold.
+THRESHOLD_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The outcome of a pruning rule.
+
+    Attributes:
+        keep: {module: kept component indices (ascending)}; an empty list removes the module.
+        rule: ``"threshold"`` (per-module default thresholds or a fixed one) or ``"budget"``.
+        threshold: The fixed threshold, if one was given.
+        target_rank: The budget per module, for the budget rule.
+        min_rank: Lower bound per module.
+        max_rank_per_module: Upper bound per module, if any.
+        gates: {module: gate values at pruning time}, for the record.
+    """
+
+    keep: dict[str, list[int]]
+    rule: str
+    threshold: float | None = None
+    target_rank: int | None = None
+    min_rank: int = 1
+    max_rank_per_module: int | None = None
+    gates: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: len(idx) for name, idx in self.keep.items()}
+
+    def same_rule(self, **kwargs: object) -> bool:
+        return all(getattr(self, k) == v for k, v in kwargs.items())
+
+
+def kept_counts(gates: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
+    """How many components of each module have a gate >= its threshold: the one rank rule.
+
+    Args:
+        gates: One (r,) gate tensor per module.
+        thresholds: One threshold per module.
+
+    Returns:
+        An (M,) integer tensor on the gates' device (no host sync; ``ranks()`` reads all layers
+        with one ``tolist``).
+    """
+    return torch.stack([(g >= t * (1 - THRESHOLD_RTOL)).sum() for g, t in zip(gates, thresholds)])
+
+
+def _order(values: torch.Tensor) -> list[int]:
+    """Component indices by gate value, highest first; ties by index."""
+    vals = values.tolist()
+    return sorted(range(len(vals)), key=lambda j: (-vals[j], j))
+
+
+def _check_bounds(gates: Mapping[str, torch.Tensor], min_rank: int, max_rank_per_module: int | None) -> None:
+    if not isinstance(min_rank, int) or min_rank < 0:
+        raise ConfigError(f"min_rank={min_rank!r} is invalid; it must be an integer >= 0.")
+    if max_rank_per_module is not None and (
+        not isinstance(max_rank_per_module, int) or max_rank_per_module < max(min_rank, 1)
+    ):
+        raise ConfigError(
+            f"max_rank_per_module={max_rank_per_module!r} is invalid; it must be an integer >= "
+            f"max(min_rank, 1) = {max(min_rank, 1)}."
+        )
+
+
+def threshold_keep(
+    gates: Mapping[str, torch.Tensor],
+    thresholds: Mapping[str, float],
+    *,
+    min_rank: int = 1,
+    max_rank_per_module: int | None = None,
+) -> dict[str, list[int]]:
+    """Keep components whose gate is >= the module's threshold, within [min_rank, max] per module."""
+    _check_bounds(gates, min_rank, max_rank_per_module)
+    keep: dict[str, list[int]] = {}
+    for name, g in gates.items():
+        t = thresholds[name]
+        order = _order(g)
+        n_pass = int(kept_counts([g], [t])[0])
+        hi = len(order) if max_rank_per_module is None else max_rank_per_module
+        n = min(max(n_pass, min(min_rank, len(order))), hi)
+        keep[name] = sorted(order[:n])
+    return keep
+
+
+def budget_keep(
+    gates: Mapping[str, torch.Tensor],
+    budget: int,
+    *,
+    min_rank: int = 1,
+    max_rank_per_module: int | None = None,
+) -> dict[str, list[int]]:
+    """Keep the ``budget`` components with the highest gates across all modules.
+
+    Each module first keeps its top ``min_rank``; the rest of the budget goes to the highest
+    remaining gates anywhere, at most ``max_rank_per_module`` per module. Ties break by module
+    order, then component index.
+
+    Raises:
+        ConfigError: if the budget cannot be met, with the numbers.
+    """
+    _check_bounds(gates, min_rank, max_rank_per_module)
+    names = list(gates)
+    caps = {n: len(g) if max_rank_per_module is None else min(len(g), max_rank_per_module) for n, g in gates.items()}
+    floor = sum(min(min_rank, caps[n]) for n in names)
+    ceiling = sum(caps.values())
+    if not floor <= budget <= ceiling:
+        raise ConfigError(
+            f"a budget of {budget} components across {len(names)} modules cannot be met: with "
+            f"min_rank={min_rank} and max_rank_per_module={max_rank_per_module} it must lie between "
+            f"{floor} and {ceiling}. Change target_rank or the bounds."
+        )
+    orders = {n: _order(g) for n, g in gates.items()}
+    keep = {n: orders[n][: min(min_rank, caps[n])] for n in names}
+    left = budget - floor
+    rest = [(-float(gates[n][j]), m, j, n) for m, n in enumerate(names) for j in orders[n][len(keep[n]) :]]
+    for _, _, j, n in sorted(rest):
+        if left == 0:
+            break
+        if len(keep[n]) < caps[n]:
+            keep[n].append(j)
+            left -= 1
+    return {n: sorted(k) for n, k in keep.items()}
+
+
+def adapter_parameters(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]) -> int:
+    """LoRA parameters r * (in + out) summed over modules; ``shapes`` are (in, out)."""
+    return sum(r * (shapes[n][0] + shapes[n][1]) for n, r in ranks.items())
+
+
+def parameter_summary(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]) -> dict[str, int]:
+    """Adapter parameters under ``ranks``, and those of a uniform LoRA with the same number of
+    components spread evenly (rounded to the nearest rank).
+
+    Raises:
+        ConfigError: for a module that is not in ``shapes``.
+    """
+    if not set(ranks) <= set(shapes):
+        raise ConfigError(f"parameter_count() got modules that are not adapted: {sorted(set(ranks) - set(shapes))}.")
+    uniform_r = round(sum(ranks.values()) / max(len(ranks), 1))
+    return {
+        "adapter": adapter_parameters(shapes, ranks),
+        "uniform_rank": uniform_r,
+        "uniform": adapter_parameters(shapes, {n: uniform_r for n in ranks}),
+    }
+
+
+def choose_keep(
+    gates: Mapping[str, torch.Tensor],
+    default_thresholds: Mapping[str, float],
+    *,
+    threshold: float | None = None,
+    target_rank: int | None = None,
+    min_rank: int = 1,
+    max_rank_per_module: int | None = None,
+) -> dict[str, list[int]]:
+    """The kept components under ``prune()``'s arguments: a ``target_rank`` budget of
+    ``target_rank * len(gates)`` components, else a fixed ``threshold``, else each module's
+    ``default_thresholds`` entry.
+
+    Raises:
+        ConfigError: if both rules are given, or either is out of range.
+    """
+    if threshold is not None and target_rank is not None:
+        raise ConfigError("pass threshold= or target_rank= to prune(), not both.")
+    if target_rank is not None:
+        max_rank = max(len(g) for g in gates.values())
+        if not isinstance(target_rank, int) or not 1 <= target_rank <= max_rank:
+            raise ConfigError(
+                f"target_rank={target_rank!r} is invalid; it must be an integer from 1 to max_rank={max_rank}."
+            )
+        return budget_keep(gates, target_rank * len(gates), min_rank=min_rank, max_rank_per_module=max_rank_per_module)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ConfigError(f"threshold={threshold!r} is invalid; it must be a gate value in [0, 1].")
+    thresholds = default_thresholds if threshold is None else dict.fromkeys(gates, float(threshold))
+    return threshold_keep(gates, thresholds, min_rank=min_rank, max_rank_per_module=max_rank_per_module)
+
+
+def rank_record(
+    plan: PrunePlan | None,
+    gates: Mapping[str, list[float]],
+    ranks: Mapping[str, int],
+    *,
+    retrained: bool,
+    max_rank: int,
+    gate: str,
+    parameters: Mapping[str, int],
+) -> dict:
+    """The rank plan as JSON-able data (``ranks.json``): ranks, the gates behind them, rule and
+    budget; ``plan=None`` records an unpruned search."""
+    return {
+        "ranks": dict(ranks),
+        "gates": plan.gates if plan else dict(gates),
+        "rule": plan.rule if plan else "threshold (not pruned)",
+        "retrained": retrained,
+        "threshold": plan.threshold if plan else None,
+        "target_rank": plan.target_rank if plan else None,
+        "min_rank": plan.min_rank if plan else 1,
+        "max_rank_per_module": plan.max_rank_per_module if plan else None,
+        "max_rank": max_rank,
+        "gate": gate,
+        "parameters": dict(parameters),
+    }
+
+
+def same_plan(plan: PrunePlan | None, rule: Mapping[str, object]) -> bool:
+    """Whether ``prune()`` with ``rule`` was already called (then it returns that plan).
+
+    Raises:
+        StateError: if it was called with another rule; the adapters are shrunk already.
+    """
+    if plan is None:
+        return False
+    if plan.same_rule(**rule):
+        return True
+    raise StateError(
+        "prune() was already called with other arguments; the adapters are already "
+        f"shrunk to {plan.ranks}. Build a new trainer to prune differently."
+    )

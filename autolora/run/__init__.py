@@ -1,0 +1,1 @@
+"""The YAML application above the library: ``autolora train | export | report``."""

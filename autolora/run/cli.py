@@ -1,0 +1,73 @@
+"""The ``autolora`` command: ``train CONFIG.yaml [key=value ...]``, ``export RUN_DIR``, ``report RUN_DIR``.
+
+User mistakes (a bad config, missing files, ...) print one ``error:`` line and exit with status 2;
+nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from autolora.errors import AutoLoRAError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autolora", description="Find a LoRA rank per layer; export PEFT adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="search -> prune -> retrain -> export -> evaluate, from a YAML config")
+    train.add_argument("config", type=Path, help="a YAML run config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.max_rank=16 fit.epochs=2")
+    export = sub.add_parser("export", help="export a run's newest search checkpoint as a PEFT adapter")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument(
+        "--out", type=Path, default=None, help="target folder (default: RUN_DIR/adapter-from-checkpoint)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty target folder")
+    export.add_argument("--merged", action="store_true", help="write the base model with the adapters merged in")
+    export.add_argument("--threshold", type=float, default=None, help="prune by this gate threshold instead")
+    export.add_argument("--target-rank", type=int, default=None, help="prune to this average rank instead")
+    report = sub.add_parser("report", help="write report.md and PNG plots of the ranks into RUN_DIR")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from autolora.run import pipeline
+            from autolora.run.config import load_config
+            from autolora.run.report import write_report
+
+            cfg, _ = load_config(args.config, args.overrides)
+            metrics = pipeline.train(cfg)
+            report = write_report(cfg.output_dir)
+            print(json.dumps(metrics, indent=1))
+            print(f"run folder: {cfg.output_dir} (report: {report})")
+        elif args.command == "export":
+            from autolora.run import pipeline
+
+            out = pipeline.export(
+                args.run_dir,
+                args.out,
+                overwrite=args.overwrite,
+                merged=args.merged,
+                threshold=args.threshold,
+                target_rank=args.target_rank,
+            )
+            print(f"exported to {out}")
+        else:
+            from autolora.run.report import write_report
+
+            print(f"wrote {write_report(args.run_dir)}")
+    except AutoLoRAError as e:
+        print(f"autolora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Text-classification data: examples, the one reader of delimited files and the one
+``datasets`` loader, tokenised batches and the metrics.
+
+GLUE tasks (:mod:`autolora.run.glue`) have fixed layouts and use the same reader and loader;
+other data names its text and label columns. Labels are mapped to class indices in a fixed
+order, or read as floats for regression.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from autolora.errors import DataError
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Texts (one tuple of 1 or 2 strings per example) and labels (int class or float score)."""
+
+    texts: list[tuple[str, ...]]
+    labels: list[float] | list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> Examples:
+        return Examples([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+
+
+def read_delimited(path: Path, missing: str, delimiter: str | None = None) -> list[list[str]]:
+    """The rows of a TSV or CSV file (header included), ``utf-8-sig``, TSVs with quoting off
+    (GLUE-style TSVs contain bare quote characters). ``delimiter``: by the file's suffix
+    unless given.
+
+    Raises:
+        DataError: ``missing`` if there is no such file.
+    """
+    if not path.is_file():
+        raise DataError(missing)
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        if (delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")) == "\t":
+            return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        return list(csv.reader(f))
+
+
+def load_hub(
+    name: str,
+    config: str | None,
+    split: str,
+    text_columns: Sequence[str],
+    label_column: str,
+    missing: str = "data.hub needs the 'datasets' package; pip install datasets, or give data files.",
+) -> Examples:
+    """A split of a ``datasets`` hub dataset (needs the network and the ``datasets`` package).
+
+    Raises:
+        DataError: ``missing`` if ``datasets`` is not installed.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(missing) from None
+    rows = datasets.load_dataset(name, config, split=split)
+    return Examples([tuple(r[c] for c in text_columns) for r in rows], [r[label_column] for r in rows])
+
+
+def _records(path: Path) -> list[dict[str, str]]:
+    """Rows of a file with a header (TSV, CSV) or JSON lines, as {column: value}."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        if not path.is_file():
+            raise DataError(f"no such data file {str(path)!r}.")
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i} is not valid JSON ({e.msg}).") from None
+        return rows
+    if suffix not in (".tsv", ".csv"):
+        if not path.is_file():
+            raise DataError(f"no such data file {str(path)!r}.")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl.")
+    header, *rows = read_delimited(path, f"no such data file {str(path)!r}.") or [[]]
+    # as csv.DictReader: blank lines skipped, missing cells None, extra cells under None
+    records = []
+    for row in rows:
+        if not row:
+            continue
+        record: dict = dict(zip(header, row))
+        if len(row) > len(header):
+            record[None] = row[len(header) :]
+        for key in header[len(row) :]:
+            record[key] = None
+        records.append(record)
+    return records
+
+
+def read_table(
+    path: str | os.PathLike,
+    text_columns: Sequence[str],
+    label_column: str,
+    labels: Sequence[str] | None = None,
+    regression: bool = False,
+) -> tuple[Examples, list[str] | None]:
+    """Examples from a file with a header row (or JSON keys); returns them and the label order.
+
+    With ``labels=None`` for classification, the order is the sorted distinct labels of this file
+    (pass the train file's order on to the dev file).
+
+    Raises:
+        DataError: for a missing file, a missing column or an unknown label.
+    """
+    path = Path(path)
+    rows = _records(path)
+    if not rows:
+        raise DataError(f"{path} has no rows.")
+    missing = [c for c in (*text_columns, label_column) if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(rows[0])}.")
+    raw = [str(r[label_column]).strip() for r in rows]
+    if regression:
+        try:
+            values: list = [float(v) for v in raw]
+        except ValueError as e:
+            raise DataError(f"{path}: regression labels must be numbers ({e}).") from None
+        order = None
+    else:
+        order = list(labels) if labels is not None else sorted(set(raw))
+        unknown = sorted(set(raw) - set(order))
+        if unknown:
+            raise DataError(f"{path}: labels {unknown[:5]} are not in the label list {order}.")
+        values = [order.index(v) for v in raw]
+    texts = [tuple(str(r[c]) for c in text_columns) for r in rows]
+    return Examples(texts, values), order
+
+
+def make_batches(
+    tokenizer,
+    examples: Examples,
+    batch_size: int = 32,
+    max_length: int = 128,
+    shuffle: bool = False,
+    seed: int = 0,
+    regression: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenised batches with dynamic padding (each batch padded to its own longest row)."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        columns = list(zip(*[examples.texts[i] for i in idx]))
+        enc = tokenizer(*columns, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        labels = [examples.labels[i] for i in idx]
+        enc = dict(enc)
+        enc["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+        batches.append(enc)
+    return batches
+
+
+def evaluate(model, batches, metric: str = "accuracy") -> float:
+    """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    preds, golds = [], []
+    with torch.no_grad():
+        for batch in batches:
+            device = next(model.parameters()).device
+            logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+            preds.append(logits.squeeze(-1) if metric == "pearson" else logits.argmax(-1))
+            golds.append(batch["labels"])
+    model.train(was_training)
+    p, g = torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
+    if metric == "pearson":
+        return float(torch.corrcoef(torch.stack([p, g]))[0, 1])
+    if metric == "mcc":
+        tp, tn = float(((p == 1) & (g == 1)).sum()), float(((p == 0) & (g == 0)).sum())
+        fp, fn = float(((p == 1) & (g == 0)).sum()), float(((p == 0) & (g == 1)).sum())
+        denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+        return (tp * tn - fp * fn) / denom if denom else 0.0
+    return float((p == g).float().mean())

@@ -1,0 +1,58 @@
+"""Reading your own text data: TSV (quoting off), CSV, JSON lines; labels and regression."""
+
+import json
+
+import pytest
+
+from autolora import DataError
+from autolora.run.text import read_table
+
+
+def test_tsv_csv_and_jsonl_give_the_same_examples(tmp_path):
+    rows = [('a "quoted" text', "pos"), ("second", "neg"), ("third", "pos")]
+    (tmp_path / "d.tsv").write_text("\ufefftext\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    (tmp_path / "d.csv").write_text(
+        "text,label\n" + "".join(f'"{t.replace(chr(34), chr(34) * 2)}",{y}\n' for t, y in rows)
+    )
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    for name in ("d.tsv", "d.csv", "d.jsonl"):
+        examples, order = read_table(tmp_path / name, ["text"], "label")
+        assert order == ["neg", "pos"]  # sorted distinct labels
+        assert examples.texts[0] == ('a "quoted" text',) and examples.labels == [1, 0, 1]
+
+
+def test_pairs_regression_and_a_given_label_order(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"a": "x", "b": "y", "score": "3.5"}) + "\n")
+    examples, order = read_table(path, ["a", "b"], "score", regression=True)
+    assert examples.texts == [("x", "y")] and examples.labels == [3.5] and order is None
+    path.write_text(json.dumps({"a": "x", "b": "y", "score": "hi"}) + "\n")
+    examples, order = read_table(path, ["a", "b"], "score", labels=["lo", "hi"])
+    assert examples.labels == [1] and order == ["lo", "hi"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        ("text\tlabel\nx\tz\n", {"labels": ["a", "b"]}, r"labels \['z'\] are not in the label list"),
+        ("sentence\tlabel\nx\ta\n", {}, r"has no column\(s\) \['text'\]; its columns are \['sentence', 'label'\]"),
+        ("text\tlabel\n", {}, "has no rows"),
+        ("text\tlabel\nx\tnot-a-number\n", {"regression": True}, "regression labels must be numbers"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, content, kwargs, message):
+    path = tmp_path / "d.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_table(path, ["text"], "label", **kwargs)
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        read_table(tmp_path / "nope.tsv", ["text"], "label")
+    (tmp_path / "d.parquet").write_text("x")
+    with pytest.raises(DataError, match=r"unsupported file type '\.parquet'"):
+        read_table(tmp_path / "d.parquet", ["text"], "label")
+    (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": "a"}\n{broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2 is not valid JSON"):
+        read_table(tmp_path / "bad.jsonl", ["text"], "label")

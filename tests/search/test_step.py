@@ -1,0 +1,107 @@
+"""One bilevel step over a Search, directly: the deferred non-finite check of fused optimisers."""
+
+import pytest
+import torch
+
+from autolora import AutoLoRATrainer, NonFiniteError
+from autolora.search.guard import Guard
+from autolora.search.hypergrad import Hypergrad, MetaGrads
+from autolora.search.step import build_search, check, selector_due, settle, take_step
+from autolora.state import TrainerState
+from tests.conftest import MLP, mlp_batches, mlp_loss
+
+
+def _search(*, fused: bool, skip: bool = False, engine: str = "darts", **kw):
+    """A Search over a fresh MLP; ``fused=True`` is the CUDA configuration, on CPU: fused
+    optimisers skip bad steps on the device and the host settles each verdict a step later."""
+    t = AutoLoRATrainer(
+        MLP(),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        modules_to_save=["head"],
+        loss_fn=mlp_loss,
+        hypergrad=engine,
+        skip_nonfinite=skip,
+        **kw,
+    )
+    search = build_search(
+        t.model,
+        t.adapters,
+        t.modules_to_save,
+        t.loss_fn,
+        t.search_config,
+        state=TrainerState(),
+        guard=Guard(fp16=False, skip=skip),
+        fused=fused,
+    )
+    return t, search
+
+
+def _params(t):
+    return {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+
+def test_fused_optimisers_defer_and_plain_ones_do_not():
+    assert _search(fused=True)[1].defer
+    assert not _search(fused=False)[1].defer
+
+
+@pytest.mark.parametrize("engine", ["first_order", "darts"])
+def test_deferred_check_skips_on_the_device_and_raises_one_step_later(engine):
+    t, search = _search(fused=True, engine=engine)
+    batches = mlp_batches(4)
+    take_step(search, [batches[0]], [batches[1]])
+    settle(search)
+    before = _params(t)
+    adam_steps = [float(s["step"]) for s in search.weight_optimizer.state.values()]
+    bad = (batches[0][0] * float("nan"), batches[0][1])
+    take_step(search, [bad], [batches[1]])  # deferred: no error yet, and the device skipped the update
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    assert [float(s["step"]) for s in search.weight_optimizer.state.values()] == adam_steps  # state untouched too
+    with pytest.raises(NonFiniteError, match="step 2: the train loss") as failed:
+        take_step(search, [batches[2]], [batches[1]])  # settles step 2 before updating with step 3
+    assert failed.value.step == 2
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    assert search.state.step == 1  # the failed step does not count as taken
+
+
+def test_deferred_skip_counts_at_the_next_settle_and_training_goes_on():
+    t, search = _search(fused=True, skip=True)
+    batches = mlp_batches(4)
+    take_step(search, [batches[0]], [batches[1]])
+    settle(search)
+    before = _params(t)
+    take_step(search, [(batches[0][0] * float("nan"), batches[0][1])], None)
+    assert search.state.skipped_steps == 0  # not read back yet
+    assert all(torch.equal(before[n], p) for n, p in _params(t).items())
+    take_step(search, [batches[2]], [batches[1]])  # settles it, then trains on
+    take_step(search, [batches[3]], [batches[1]])
+    settle(search)
+    assert search.state.skipped_steps == 1 and search.state.step == 4
+    assert any(not torch.equal(before[n], p) for n, p in _params(t).items())
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_selector_step_only_when_due():
+    t, search = _search(fused=False, selector_every=2)
+    batches = mlp_batches(3)
+    assert not selector_due(search)
+    sel = {n: a.selector.detach().clone() for n, a in t.adapters.items()}
+    losses = take_step(search, [batches[0]], None)
+    assert set(losses) == {"loss/train"} and selector_due(search)
+    assert all(torch.equal(a.selector, sel[n]) for n, a in t.adapters.items())
+    losses = take_step(search, [batches[1]], [batches[2]])
+    assert set(losses) == {"loss/train", "loss/val"}
+    assert all(not torch.equal(a.selector, sel[n]) for n, a in t.adapters.items())
+
+
+def test_fp16_overflow_halves_the_loss_scale_and_skips():
+    t = AutoLoRATrainer(MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, autocast="fp16")
+    search = t.search
+    g = torch.ones(3)
+    overflow = MetaGrads(torch.tensor(1.0), (g * float("inf"),), Hypergrad((g,), torch.tensor(1.0)))
+    assert check(search, overflow, 1) == (True, None)  # settled at once: the next scale depends on it
+    assert (search.state.loss_scale, search.state.skipped_steps) == (2.0**15, 1)
+    nan_loss = MetaGrads(torch.tensor(float("nan")), (g,), None)
+    with pytest.raises(NonFiniteError, match="train loss"):
+        check(search, nan_loss, 2)  # a non-finite *loss* is not an overflow

@@ -12,6 +12,7 @@ from autolora.errors import (
     DataError,
     ExportError,
     NonFiniteError,
+    RankWarning,
     StateError,
     TargetError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Logger",
     "LoggingConfig",
     "NonFiniteError",
+    "RankWarning",
     "NullLogger",
     "PrunePlan",
     "SearchConfig",

@@ -5,18 +5,30 @@ bilevel search on top.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from autolora.config import AdapterConfig
-from autolora.errors import ConfigError
-from autolora.gates import default_threshold
+from autolora.errors import ConfigError, RankWarning
 from autolora.inject import inject_gated, shrink_adapters
 from autolora.layers import GatedLoRALinear, layer_dims
 from autolora.plan.export import adapter_files, merged_model, write_adapter, write_merged
-from autolora.plan.prune import PrunePlan, choose_keep, kept_counts, parameter_summary, rank_record, same_plan
+from autolora.plan.prune import (
+    TAIL_FRACTION,
+    PrunePlan,
+    assess,
+    choose_keep,
+    cut_level,
+    kept_counts,
+    parameter_summary,
+    rank_record,
+    same_plan,
+)
+from autolora.plan.scores import base_rms, spectrum_scores
 from autolora.search.retrain import snapshot
 
 
@@ -44,6 +56,10 @@ class AdaptedModel:
             model, adapter, seed, gradient_checkpointing=gradient_checkpointing
         )
         self._shapes = {n: layer_dims(a.base_layer) for n, a in self.adapters.items()}  # kept after pruning
+        self._base_rms = {n: base_rms(a.base_layer.weight) for n, a in self.adapters.items()}
+        # (step, {module: scores}) taken on logged steps of the search: the plans they give in the
+        # last part of the search are what a rank's confidence is measured against
+        self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._saved_init = snapshot(model, self.modules_to_save)  # retraining starts them over
         self.retrained = False
         self.removed: list[str] = []  # modules pruned to rank 0
@@ -56,18 +72,35 @@ class AdaptedModel:
         """{module: gate values (detached)}."""
         return {n: a.gates().detach() for n, a in self.adapters.items()}
 
-    def _thresholds(self) -> dict[str, float]:
-        return {n: default_threshold(a.gate, a.rank) for n, a in self.adapters.items()}
+    def scores(self) -> dict[str, torch.Tensor]:
+        """{module: component scores (max_rank,), descending}: the singular values of the module's
+        gated update ``s * B diag(g) A`` relative to its base weight's RMS singular value (see
+        :mod:`autolora.plan.scores`). Unlike a gate, a score cannot be undone by A and B growing."""
+        out = {}
+        for n, a in self.adapters.items():
+            a_fold, b_fold = a.folded_factors()
+            out[n] = spectrum_scores(a_fold, b_fold, self._base_rms[n], a.rank)
+        return out
 
-    def ranks(self) -> dict[str, int]:
-        """{module: rank}. Before pruning: gates >= the default threshold (1/r for softmax,
-        0.5 for sigmoid), at least 1. After pruning: the physical rank, 0 for removed modules."""
+    def record_scores(self, step: int) -> dict[str, torch.Tensor]:
+        """Take a snapshot of :meth:`scores` at ``step`` (the search does on logged steps) and
+        return it; the newest 64 are kept."""
+        scores = self.scores()
+        self.snapshots = [*self.snapshots[-63:], (step, scores)]
+        return scores
+
+    def ranks(self, scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """{module: rank}. Before pruning: components scoring >= the default cut (``DEFAULT_CUT``
+        times the median module's top score), at least 1, from ``scores`` if given. After pruning:
+        the physical rank, 0 for removed modules."""
         if self.plan is not None:
             return {n: len(self.plan.keep[n]) for n in self.plan.keep}
         if not self.adapters:
             return {}
+        scores = self.scores() if scores is None else scores
+        level = cut_level(scores)
         # on the device, one sync for all layers (the rule of threshold_keep, min_rank 1)
-        counts = kept_counts(list(self.gates().values()), list(self._thresholds().values()))
+        counts = kept_counts(list(scores.values()), [level] * len(scores))
         return dict(zip(self.adapters, counts.clamp_min(1).tolist()))
 
     def parameter_count(self, ranks: dict[str, int] | None = None) -> dict[str, int]:
@@ -86,15 +119,20 @@ class AdaptedModel:
         """Shrink every adapter to its final rank and return the plan ``{module: rank}``.
 
         Args:
-            threshold: Keep components whose gate is >= this (default: 1/r for softmax gates,
-                0.5 for sigmoid).
+            threshold: Keep components whose score (:meth:`scores`) is >= this times the
+                reference score, the median over modules of each module's top score (default
+                ``DEFAULT_CUT`` = 0.1).
             target_rank: A global budget of ``target_rank * (number of modules)`` components,
-                allocated by gate value across modules (ties by module order, then index).
+                allocated by score across modules (ties by module order, then index).
             min_rank: Components every module keeps at least; 0 lets a module be removed (its
                 plain base layer is put back and it is left out of the export).
             max_rank_per_module: Components a module keeps at most.
 
-        Kept gates and the scale are folded into ``lora_B`` (``gates()`` then returns ones).
+        Each adapter is rotated into the SVD basis of its update and keeps its top singular
+        directions (the best approximation of that rank), with the scale folded in (``gates()``
+        then returns ones). The plan carries a confidence per module: the fraction of the plans
+        the same rule gave over the last quarter of the search (:attr:`snapshots`, taken on
+        logged steps) that agree with it. A ``RankWarning`` says when the search did not settle.
         Calling ``prune()`` again with the same arguments returns the same plan.
 
         Raises:
@@ -105,13 +143,34 @@ class AdaptedModel:
         rule["max_rank_per_module"] = max_rank_per_module
         if same_plan(self.plan, rule):
             return self.plan.ranks
-        gates = self.gates()
-        keep = choose_keep(gates, self._thresholds(), **rule)
+        gates, scores = self.gates(), self.scores()
+        keep, level = choose_keep(scores, **rule)
+        tail = [choose_keep(s, **rule)[0] for s in self._tail_scores()]
+        confidence, margin, warning = assess(scores, keep, level, [{n: len(k) for n, k in p.items()} for p in tail])
+        if warning:
+            warnings.warn(warning, RankWarning, stacklevel=2)
         self.removed += shrink_adapters(self.model, self.adapters, keep)
-        kind = "budget" if target_rank is not None else "threshold"
-        self.plan = PrunePlan(keep=keep, rule=kind, gates={n: g.tolist() for n, g in gates.items()}, **rule)
+        self.plan = PrunePlan(
+            keep=keep,
+            rule="budget" if target_rank is not None else "threshold",
+            gates={n: g.tolist() for n, g in gates.items()},
+            scores={n: [round(float(v), 6) for v in s] for n, s in scores.items()},
+            level=level,
+            confidence=confidence,
+            margins={n: round(m, 4) if math.isfinite(m) else None for n, m in margin.items()},
+            warning=warning,
+            **rule,
+        )
         self._on_pruned()
         return self.plan.ranks
+
+    def _tail_scores(self) -> list[dict[str, torch.Tensor]]:
+        """The snapshots of the last ``TAIL_FRACTION`` of the search (at least the newest 3)."""
+        if not self.snapshots:
+            return []
+        last = self.snapshots[-1][0]
+        tail = [s for step, s in self.snapshots if step >= (1 - TAIL_FRACTION) * last]
+        return tail if len(tail) >= 3 else [s for _, s in self.snapshots[-3:]]
 
     def export_merged(self, path: str | os.PathLike, overwrite: bool = False) -> str:
         """Write the base model with the adapters merged in; ``trainer.model`` is left as it is.

@@ -42,3 +42,8 @@ class StateError(AutoLoRAError):
 
 class ExportError(AutoLoRAError):
     """An export or load path cannot be used."""
+
+
+class RankWarning(UserWarning):
+    """The search did not separate components: the plan is no better supported than any other
+    allocation of its size (``ranks.json`` and the report say how sure each rank is)."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autolora.gates import gate_values
+from autolora.plan.scores import update_svd
 
 try:  # transformers is a dependency, but keep the layer importable on its own
     from transformers.pytorch_utils import Conv1D
@@ -108,12 +109,21 @@ class GatedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def shrink(self, keep: torch.Tensor) -> None:
-        """Keep only the components ``keep`` (indices), folding s * g into B; gates become 1."""
+        """Keep the singular directions ``keep`` (indices into the descending spectrum of the
+        gated update ``s * B diag(g) A``); gates become 1 and the scale 1.
+
+        The update is rotated into its SVD basis first, so keeping the top k directions is the
+        best rank-k approximation of the trained update (Eckart-Young), not an arbitrary subset
+        of components that A and B may have spread one direction over. The kept factors are
+        balanced: ``A = sqrt(S) V^T``, ``B = U sqrt(S)``.
+        """
         a, b = self.folded_factors()
+        u, s, vh = update_svd(a, b)  # (out, k), (k,), (k, in)
         keep = keep.to(device=a.device, dtype=torch.long)
-        self.lora_A = nn.Parameter(a[keep].contiguous())
-        self.lora_B = nn.Parameter(b[:, keep].contiguous())
-        self.selector = nn.Parameter(self.selector.detach()[keep].clone(), requires_grad=False)
+        root = s[keep].sqrt()
+        self.lora_A = nn.Parameter((root.unsqueeze(1) * vh[keep]).to(a.dtype).contiguous())
+        self.lora_B = nn.Parameter((u[:, keep] * root).to(b.dtype).contiguous())
+        self.selector = nn.Parameter(self.selector.detach()[: len(keep)].clone(), requires_grad=False)
         self.scale, self.gate = 1.0, "fixed"
 
     @torch.no_grad()

@@ -214,7 +214,7 @@ class AutoLoRATrainer(AdaptedModel):
             last[:] = [losses]
             metrics = None  # the full metrics cost a sync; built on logged steps only, once
             if self._log.due(self.state.step):
-                metrics = self._metrics(losses)
+                metrics = self._metrics(losses, self.record_scores(self.state.step))
                 self._log_step(logger, metrics)
             if checkpoint_every and self.state.step % checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
@@ -227,7 +227,8 @@ class AutoLoRATrainer(AdaptedModel):
             fit_loop(self.search, train_data, val, budget, on_step)
         finally:
             if last and self._log.logged_step != self.state.step:
-                self._log_step(logger, self._metrics(last[0]))  # always log the last step
+                # always log (and snapshot) the last step
+                self._log_step(logger, self._metrics(last[0], self.record_scores(self.state.step)))
             if bar is not None:
                 bar.close()
         settle(self.search)
@@ -257,10 +258,13 @@ class AutoLoRATrainer(AdaptedModel):
         settle(self.search)
         return {k: float(v) for k, v in losses.items()}
 
-    def _metrics(self, losses: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
-        """``losses`` plus ranks, counts and learning rates at the current state (for logging)."""
+    def _metrics(
+        self, losses: Mapping[str, torch.Tensor | float], scores: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """``losses`` plus ranks (from ``scores`` if given), counts and learning rates at the
+        current state (for logging)."""
         settle(self.search)  # the counters must include the last step
-        ranks = self.ranks()
+        ranks = self.ranks(scores)
         lrs = {}
         if self.weight_optimizer is not None:
             lrs["weights"] = self.weight_optimizer.param_groups[0]["lr"]

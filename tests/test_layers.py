@@ -57,18 +57,26 @@ def test_default_scale_matches_standard_lora_at_init():
     assert AdapterConfig(max_rank=64, lora_alpha=16).effective_scale == 16
 
 
-def test_shrink_folds_gates_and_keeps_output():
+def test_shrink_keeps_the_top_singular_directions():
     base = nn.Linear(5, 7, dtype=torch.float64)
     layer = _filled(GatedLoRALinear(base, rank=4, scale=3.0))
-    keep = torch.tensor([0, 2])
-    a, b = layer.lora_A[keep].clone(), layer.lora_B[:, keep].clone()
-    g = layer.gates()[keep].clone()
+    delta = 3.0 * layer.lora_B.detach() @ torch.diag(layer.gates().detach()) @ layer.lora_A.detach()  # (out, in)
+    u, s, vh = torch.linalg.svd(delta)
+    want_delta = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]  # the best rank-2 approximation
     x = torch.randn(3, 5, dtype=torch.float64)
-    want = base(x) + 3.0 * x @ (b @ torch.diag(g) @ a).T
-    layer.shrink(keep)
+    layer.shrink(torch.tensor([0, 1]))
     assert layer.rank == 2 and layer.gate == "fixed" and layer.scale == 1.0
     torch.testing.assert_close(layer.gates(), torch.ones(2, dtype=torch.float64))
-    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), base(x) + x @ want_delta.T, rtol=1e-10, atol=1e-10)
+
+
+def test_shrink_to_every_direction_keeps_output():
+    base = nn.Linear(5, 7, dtype=torch.float64)
+    layer = _filled(GatedLoRALinear(base, rank=4, scale=3.0))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    want = layer(x).detach()
+    layer.shrink(torch.arange(4))
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
 
 
 def test_gate_helpers():

@@ -1,22 +1,42 @@
 """Rank decisions: which components each layer keeps.
 
-Rules work on gate values only (``{module: gates}``) and return the kept component indices per
-module, in ascending order. Shrinking the adapters is the trainer's business; this module is pure.
-:func:`kept_counts` is the one place that counts the components a threshold keeps.
+Rules work on component scores (``{module: scores}``, see :mod:`autolora.plan.scores`: the
+singular values of each module's gated update, relative to its base weight) and return the kept
+component indices per module, in ascending order. Shrinking the adapters is the trainer's
+business; this module is pure. :func:`kept_counts` is the one place that counts the components a
+threshold keeps.
+
+The default rule keeps, everywhere, the components whose score is at least ``DEFAULT_CUT`` times
+the reference score (the median over modules of each module's top score): one global level, so a
+module whose strongest direction is weak gets a low rank instead of a share of noise.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from autolora.errors import ConfigError, StateError
+from autolora.plan.scores import agreement, margins, reference_score
 
 # A relative slack on thresholds, so that float rounding of uniform gates (exactly 1/r in exact
 # arithmetic) never drops a component that sits on the threshold.
 THRESHOLD_RTOL = 1e-6
+
+# The default cut, relative to the reference score. Chosen on search splits only: it gives the
+# highest worst-task seed agreement of the rules tried on GLUE (experiments/rank_signal_glue.py,
+# no dev data read) and recovers planted ranks exactly (experiments/rank_signal.py).
+DEFAULT_CUT = 0.1
+# Tail of the search whose plans give a rank its confidence (see assess()).
+TAIL_FRACTION = 0.25
+# Below this mean confidence the plan is reported as not distinguishable from any other.
+MIN_CONFIDENCE = 0.5
+# ... and below this separation (median kept score / median dropped score).
+MIN_SEPARATION = 3.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,13 @@ class PrunePlan:
         min_rank: Lower bound per module.
         max_rank_per_module: Upper bound per module, if any.
         gates: {module: gate values at pruning time}, for the record.
+        scores: {module: component scores at pruning time, descending}.
+        level: The absolute score level of the cut (threshold rule) or between the last kept
+            and the first dropped component (budget rule).
+        confidence: {module: fraction of the plans in the last part of the search that gave the
+            module this rank}.
+        margins: {module: log distance of its cut from ``level``}.
+        warning: Set when the components were not separated (see :func:`assess`).
     """
 
     keep: dict[str, list[int]]
@@ -40,6 +67,11 @@ class PrunePlan:
     min_rank: int = 1
     max_rank_per_module: int | None = None
     gates: dict[str, list[float]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    level: float | None = None
+    confidence: dict[str, float] = field(default_factory=dict)
+    margins: dict[str, float] = field(default_factory=dict)
+    warning: str | None = None
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -163,35 +195,112 @@ def parameter_summary(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str,
     }
 
 
+def cut_level(scores: Mapping[str, torch.Tensor], threshold: float | None = None) -> float:
+    """The absolute level of the threshold rule: ``threshold`` (default ``DEFAULT_CUT``) times the
+    reference score."""
+    return (DEFAULT_CUT if threshold is None else float(threshold)) * reference_score(scores)
+
+
 def choose_keep(
-    gates: Mapping[str, torch.Tensor],
-    default_thresholds: Mapping[str, float],
+    scores: Mapping[str, torch.Tensor],
     *,
     threshold: float | None = None,
     target_rank: int | None = None,
     min_rank: int = 1,
     max_rank_per_module: int | None = None,
-) -> dict[str, list[int]]:
-    """The kept components under ``prune()``'s arguments: a ``target_rank`` budget of
-    ``target_rank * len(gates)`` components, else a fixed ``threshold``, else each module's
-    ``default_thresholds`` entry.
+) -> tuple[dict[str, list[int]], float]:
+    """The kept components under ``prune()``'s arguments, and the level of the cut: a
+    ``target_rank`` budget of ``target_rank * len(scores)`` components, else components scoring
+    >= ``threshold`` (default ``DEFAULT_CUT``) times the reference score.
 
     Raises:
         ConfigError: if both rules are given, or either is out of range.
     """
     if threshold is not None and target_rank is not None:
-        raise ConfigError("pass threshold= or target_rank= to prune(), not both.")
+        raise ConfigError("give a threshold or a target rank to prune, not both.")
     if target_rank is not None:
-        max_rank = max(len(g) for g in gates.values())
-        if not isinstance(target_rank, int) or not 1 <= target_rank <= max_rank:
+        max_rank = max(len(g) for g in scores.values())
+        if not isinstance(target_rank, int) or isinstance(target_rank, bool) or not 1 <= target_rank <= max_rank:
             raise ConfigError(
                 f"target_rank={target_rank!r} is invalid; it must be an integer from 1 to max_rank={max_rank}."
             )
-        return budget_keep(gates, target_rank * len(gates), min_rank=min_rank, max_rank_per_module=max_rank_per_module)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise ConfigError(f"threshold={threshold!r} is invalid; it must be a gate value in [0, 1].")
-    thresholds = default_thresholds if threshold is None else dict.fromkeys(gates, float(threshold))
-    return threshold_keep(gates, thresholds, min_rank=min_rank, max_rank_per_module=max_rank_per_module)
+        keep = budget_keep(scores, target_rank * len(scores), min_rank=min_rank, max_rank_per_module=max_rank_per_module)
+        return keep, _budget_level(scores, keep)
+    ok = threshold is None or (
+        isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
+    )
+    if not ok or (threshold is not None and threshold < 0):
+        raise ConfigError(
+            f"threshold={threshold!r} is invalid; it must be a number >= 0, the cut relative to the reference "
+            f"score (default {DEFAULT_CUT})."
+        )
+    level = cut_level(scores, threshold)
+    keep = threshold_keep(
+        scores, dict.fromkeys(scores, level), min_rank=min_rank, max_rank_per_module=max_rank_per_module
+    )
+    return keep, level
+
+
+def _budget_level(scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]) -> float:
+    """The geometric mean of the weakest kept and the strongest dropped score anywhere."""
+    kept = [float(scores[n][j]) for n, idx in keep.items() for j in idx]
+    dropped = [float(v) for n, s in scores.items() for j, v in enumerate(s.tolist()) if j not in keep[n]]
+    lo, hi = (min(kept) if kept else 0.0), (max(dropped) if dropped else 0.0)
+    return math.sqrt(max(lo, 1e-12) * max(hi, 1e-12)) if kept and dropped else (lo or hi)
+
+
+def assess(
+    scores: Mapping[str, torch.Tensor],
+    keep: Mapping[str, list[int]],
+    level: float,
+    tail: Sequence[Mapping[str, int]],
+) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """How sure the plan is: per-module confidence and margin, and a warning when it is not.
+
+    Args:
+        scores: The scores the plan was cut from.
+        keep: The plan.
+        level: The level of its cut.
+        tail: The plans the same rule gave at the snapshots of the last ``TAIL_FRACTION`` of
+            the search (empty: no snapshots, every confidence 1 and no warning from it).
+
+    Returns:
+        (confidence, margins, warning): confidence = the fraction of ``tail`` plans that gave the
+        module its final rank; margin = log distance of its cut from ``level``; warning when the
+        mean confidence is below ``MIN_CONFIDENCE``: the search did not settle on an allocation.
+    """
+    ranks = {n: len(k) for n, k in keep.items()}
+    confidence = agreement(ranks, tail)
+    margin = margins(scores, ranks, level) if level > 0 else dict.fromkeys(ranks, 0.0)
+    mean_conf = sum(confidence.values()) / max(len(confidence), 1)
+    sep = separation(scores, keep)
+    why = None
+    if tail and mean_conf < MIN_CONFIDENCE:
+        why = f"mean confidence {mean_conf:.2f} over the last {len(tail)} plans of the search"
+    elif sep is None:
+        why = "every module kept all its components, so none was told apart from the rest"
+    elif sep < MIN_SEPARATION:
+        why = f"the kept components score only {sep:.1f}x the dropped ones"
+    warning = None
+    if why:
+        uniform = max(1, round(sum(ranks.values()) / max(len(ranks), 1)))
+        warning = (
+            f"ranks are not distinguishable ({why}); any allocation of this size is as good; consider a "
+            f"uniform LoRA r={uniform}."
+        )
+    return confidence, margin, warning
+
+
+def separation(scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]) -> float | None:
+    """The median kept score over the median dropped score, all modules pooled (``None`` when
+    nothing was dropped): how far the plan's cut stands from a cut through noise."""
+    kept = [float(scores[n][j]) for n, idx in keep.items() for j in idx]
+    dropped = [float(v) for n, s in scores.items() for j, v in enumerate(s.tolist()) if j not in keep[n]]
+    if not dropped:
+        return None
+    if not kept:
+        return 0.0
+    return statistics.median(kept) / max(statistics.median(dropped), 1e-12)
 
 
 def rank_record(
@@ -208,6 +317,11 @@ def rank_record(
     budget; ``plan=None`` records an unpruned search."""
     return {
         "ranks": dict(ranks),
+        "confidence": plan.confidence if plan else {},
+        "margins": plan.margins if plan else {},
+        "warning": plan.warning if plan else None,
+        "level": plan.level if plan else None,
+        "scores": plan.scores if plan else {},
         "gates": plan.gates if plan else dict(gates),
         "rule": plan.rule if plan else "threshold (not pruned)",
         "retrained": retrained,

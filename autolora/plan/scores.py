@@ -71,17 +71,6 @@ def reference_score(scores: Mapping[str, torch.Tensor]) -> float:
     return tops[mid] if len(tops) % 2 else 0.5 * (tops[mid - 1] + tops[mid])
 
 
-def count_above(scores: torch.Tensor, threshold: float | torch.Tensor, min_rank: int = 1) -> torch.Tensor:
-    """The one rank count: components with score >= threshold, at least ``min_rank`` (and at most
-    all). ``scores`` is (r,) or stacked (m, r); returns a long tensor of shape () or (m,).
-
-    A relative slack of 1e-6 keeps a component that sits exactly on the threshold in float rounding.
-    """
-    r = scores.shape[-1]
-    n = (scores >= threshold * (1 - 1e-6)).sum(-1)
-    return n.clamp(min(min_rank, r), r)
-
-
 def margins(scores: Mapping[str, torch.Tensor], ranks: Mapping[str, int], threshold: float) -> dict[str, float]:
     """How far each module's cut lies from the threshold, in natural-log units of score.
 

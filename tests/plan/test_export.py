@@ -59,11 +59,10 @@ def test_rank_zero_module_left_out_and_loads(tmp_path):
     t = AutoLoRATrainer(model, max_rank=4, target_modules=["fc1", "fc2"], loss_fn=mlp_loss)
     batches = mlp_batches(6)
     t.fit(batches, epochs=2)
-    with torch.no_grad():  # fc1 concentrated on one component, fc2 uniform (all gates 0.25)
-        t.adapters["fc1"].selector.copy_(torch.tensor([5.0, 0, 0, 0]))
-        t.adapters["fc2"].selector.zero_()
+    with torch.no_grad():  # fc2's update a millionth of fc1's: below any sensible cut
+        t.adapters["fc2"].lora_B.mul_(1e-6)
     plan = t.prune(threshold=0.5, min_rank=0)
-    assert plan == {"fc1": 1, "fc2": 0}
+    assert plan["fc1"] >= 1 and plan["fc2"] == 0
     t.export(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     removed = [n for n, r in plan.items() if r == 0]

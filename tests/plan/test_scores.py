@@ -10,7 +10,6 @@ import torch
 from autolora.plan.scores import (
     agreement,
     base_rms,
-    count_above,
     margins,
     reference_score,
     spectrum_scores,
@@ -57,14 +56,6 @@ def test_reference_is_the_median_top_score():
     assert reference_score(scores) == 5.0
     assert reference_score({"a": torch.tensor([2.0]), "b": torch.tensor([4.0])}) == 3.0
     assert reference_score({}) == 0.0
-
-
-def test_count_above_is_one_rule_for_one_and_many_modules():
-    s = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.1, 0.0, 0.0, 0.0]])
-    assert count_above(s, 1.0).tolist() == [3, 1]  # at least 1
-    assert count_above(s, 1.0, min_rank=0).tolist() == [3, 0]
-    assert int(count_above(s[0], 2.0)) == 2
-    assert int(count_above(torch.tensor([1.0 - 1e-8, 0.0]), 1.0)) == 1  # on the threshold counts
 
 
 def test_margins_sign_and_size():

@@ -1,6 +1,7 @@
 """GLUE benchmark: AutoLoRA against PEFT LoRA (fixed ranks) and PEFT AdaLoRA on all-MiniLM-L6-v2.
 
-Runner (the default command): runs every (task, method, seed) not yet recorded in ``--out``, ``--jobs``
+Runner (the default command): runs every (task, method, seed) not yet recorded in ``--out`` for the same
+``--targets`` / ``--epochs`` / ``--limit`` / ``--max-grad-norm``, ``--jobs``
 worker processes at a time, each a ``run-one`` invocation of this script; one JSON row per finished
 run is appended to ``--out``::
 
@@ -260,7 +261,9 @@ def git_revision() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
     except OSError:
         return "unknown"
     if rev.returncode != 0:

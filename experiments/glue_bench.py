@@ -1,6 +1,7 @@
 """GLUE benchmark: AutoLoRA against PEFT LoRA (fixed ranks) and PEFT AdaLoRA on all-MiniLM-L6-v2.
 
-Runner (the default command): runs every (task, method, seed) not yet recorded in ``--out``, ``--jobs``
+Runner (the default command): runs every (task, method, seed) not yet recorded in ``--out`` for the same
+``--targets`` / ``--epochs`` / ``--limit`` / ``--max-grad-norm``, ``--jobs``
 worker processes at a time, each a ``run-one`` invocation of this script; one JSON row per finished
 run is appended to ``--out``::
 
@@ -8,11 +9,20 @@ run is appended to ``--out``::
         --time-budget 480 --deadline 570 --out experiments/results/glue.jsonl
     python experiments/glue_table.py experiments/results/glue.jsonl > experiments/results/glue.md
 
-One run by hand (AdaLoRA reads its target rank from the AutoLoRA row of the same task and seed)::
+The controls and the tight budget (``--targets all-linear``; see ``glue_methods.py``)::
+
+    python experiments/glue_bench.py --data ../shared/data/glue --jobs 4 \\
+        --methods autolora_fo4 shuffled shuffled_shape uniform adalora_logits lora_r8
+    python experiments/glue_bench.py --data ../shared/data/glue --jobs 4 --targets all-linear \\
+        --methods autolora_budget2 shuffled shuffled_shape uniform adalora_logits lora_r2
+
+One run by hand (AdaLoRA and the controls read their ranks from the AutoLoRA row of the same task,
+seed and target setting: ``autolora_fo4`` for ``qv``, ``autolora_budget2`` for ``all-linear``)::
 
     python experiments/glue_bench.py run-one --task MRPC --method lora_r8 --seed 0 --data ../shared/data/glue
 
-Shared conditions (every method): targets query,value; lora_alpha 16; max length 128; batch 32;
+Shared conditions (every method): targets ``--targets`` (``qv``: query,value; ``all-linear``: every
+Linear of the encoder layers); lora_alpha 16; max length 128; batch 32; gradient norm clipped to 1.0;
 AdamW (fused on CUDA) lr 5e-4, weight decay 0, linear schedule with 6% warm-up; the classifier head trained fully;
 bf16 autocast on CUDA, fp32 on CPU; 10 epochs (1 for SST-2, on a fixed 20k-row subset of train);
 the final-epoch dev metric. AutoLoRA searches for E epochs on its own seeded 70/30 split of train
@@ -36,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,13 +56,17 @@ from torch import nn
 from autolora import GLUE_TASKS as TASKS
 from autolora import Examples, evaluate, linear_warmup, load_glue, make_batches, to_device
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import glue_methods as gm  # a sibling file, as host_ops.py imports speed
+
 # ----------------------------------------------------------------------------------------- setup
 ALL_TASKS: tuple[str, ...] = ("MRPC", "RTE", "CoLA", "STS-B", "SST-2")
 DEFAULT_EPOCHS = 10
 TASK_EPOCHS: dict[str, int] = {"SST-2": 1}
 SST2_SUBSET_ROWS = 20_000
 SST2_SUBSET_SEED = 20_000  # fixed: every run seed and method sees the same SST-2 subset
-TARGETS = ["query", "value"]
+DEFAULT_TARGETS = "qv"  # a key of glue_methods.TARGET_SETTINGS
+DEFAULT_MAX_GRAD_NORM = 1.0  # every method, one recipe
 HEAD = ["classifier"]
 MAX_LENGTH = 128
 BATCH_SIZE = 32
@@ -66,7 +80,10 @@ ADALORA_TFINAL = 0.3
 ADALORA_ORTH_REG = 0.1  # the AdaLoRA paper's GLUE value (PEFT's default is 0.5)
 DEFAULT_OUT = "experiments/results/glue.jsonl"
 
-Family = Literal["lora", "adalora", "autolora"]
+Family = Literal["lora", "adalora", "autolora", "control"]
+# rank_from = SETTING_AUTOLORA: the AutoLoRA method of the run's target setting
+SETTING_AUTOLORA = "setting"
+REFERENCE_AUTOLORA: dict[str, str] = {"qv": "autolora_fo4", "all-linear": "autolora_budget2"}
 
 
 @dataclass(frozen=True)
@@ -74,20 +91,31 @@ class Method:
     """One row of the method table.
 
     Attributes:
-        family: ``"lora"`` (PEFT LoraConfig), ``"adalora"`` (PEFT AdaLoraConfig) or ``"autolora"``.
+        family: ``"lora"`` (PEFT LoraConfig), ``"adalora"`` (PEFT AdaLoraConfig), ``"autolora"``,
+            or ``"control"`` (PEFT LoraConfig at ranks derived from an AutoLoRA row).
         rank: LoRA's r; AdaLoRA's init_r; AutoLoRA's max_rank.
         hypergrad: AutoLoRA's hypergradient engine.
         selector_every: AutoLoRA: a selector step every k weight steps.
-        rank_from: AdaLoRA: the AutoLoRA method whose mean found rank (same task and seed) becomes
-            ``target_r``; the runner schedules this job after that one.
+        prune_kwargs: AutoLoRA: the arguments of ``trainer.prune`` (``{}``: its default rule).
+        rank_from: AdaLoRA and the controls: the AutoLoRA method (same task, seed and target
+            setting) whose ranks they use; ``SETTING_AUTOLORA``: ``REFERENCE_AUTOLORA[targets]``.
+            The runner schedules this job after that one.
+        control: ``"shuffled"`` (the found ranks permuted over the modules), ``"shuffled_shape"``
+            (permuted among modules of one weight shape: exactly the same size) or ``"uniform"``
+            (round(mean found rank) everywhere).
+        loss: ``"model"``: ``outputs.loss`` (for AdaLoRA it includes PEFT's orthogonality term);
+            ``"logits"``: computed from the logits (``glue_methods.logits_loss``), no added term.
     """
 
     family: Family
     rank: int = 8
     hypergrad: str | None = None
     selector_every: int = 1
+    prune_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     rank_from: str | None = None
     peft_defaults: bool = False  # AdaLoRA: PEFT's own schedule and regulariser (tinit=tfinal=0, orth_reg 0.5)
+    control: Literal["shuffled", "shuffled_shape", "uniform"] | None = None
+    loss: Literal["model", "logits"] = "model"
 
 
 METHODS: dict[str, Method] = {
@@ -97,9 +125,31 @@ METHODS: dict[str, Method] = {
     "lora_r16": Method("lora", 16),
     "autolora_fo4": Method("autolora", 8, hypergrad="first_order", selector_every=4),
     "autolora_darts8": Method("autolora", 8, hypergrad="darts", selector_every=8),
-    "adalora": Method("adalora", 8, rank_from="autolora_fo4"),
-    "adalora_peft": Method("adalora", 8, rank_from="autolora_fo4", peft_defaults=True),
+    # the tight budget for --targets all-linear: average rank 2 over the modules, modules may drop out
+    "autolora_budget2": Method(
+        "autolora", 8, hypergrad="first_order", selector_every=4, prune_kwargs={"target_rank": 2, "min_rank": 0}
+    ),
+    "shuffled": Method("control", rank_from=SETTING_AUTOLORA, control="shuffled"),
+    "shuffled_shape": Method("control", rank_from=SETTING_AUTOLORA, control="shuffled_shape"),
+    "uniform": Method("control", rank_from=SETTING_AUTOLORA, control="uniform"),
+    "adalora": Method("adalora", 8, rank_from=SETTING_AUTOLORA),
+    "adalora_peft": Method("adalora", 8, rank_from=SETTING_AUTOLORA, peft_defaults=True),
+    # The AdaLoRA to report. PEFT's AdaLoraModel.forward adds orth_reg_weight * mean_k ||P P^T - I||_F
+    # (and ||Q^T Q - I||_F) to outputs.loss whenever labels are passed; in this harness that keeps
+    # MiniLM at the majority class (MRPC seed 0: 0.694 with the term, 0.770 without; REFERENCE.md 6).
+    # Computing the loss from the logits leaves the term out; the allocator is unchanged.
+    # PEFT's issues on it: huggingface/peft#1798 "High loss when init with AdaLora" (the loss PEFT
+    # reports at init is high; the orthogonality term is in it); no issue found that reports the term
+    # hurting accuracy on small models, nor a PEFT switch to leave it out other than orth_reg_weight=0.
+    "adalora_logits": Method("adalora", 8, rank_from=SETTING_AUTOLORA, loss="logits"),
 }
+
+
+def rank_source(method: Method, targets: str) -> str | None:
+    """The AutoLoRA method a dependent method takes its ranks from under ``targets``."""
+    if method.rank_from == SETTING_AUTOLORA:
+        return REFERENCE_AUTOLORA[targets]
+    return method.rank_from
 
 
 def task_epochs(task: str, override: int | None) -> int:
@@ -141,19 +191,31 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 Key = tuple[str, str, int]  # (task, method, seed)
 
 
-def same_setting(row: dict[str, Any], epochs: int | None, limit: int | None, max_grad_norm: float | None) -> bool:
-    """Rows count for a pass only if they ran with the same ``--epochs``, ``--limit`` and
-    ``--max-grad-norm``."""
-    return row.get("epochs_arg") == epochs and row.get("limit") == limit and row.get("max_grad_norm") == max_grad_norm
+def same_setting(
+    row: dict[str, Any], epochs: int | None, limit: int | None, max_grad_norm: float | None, targets: str
+) -> bool:
+    """Rows count for a pass only if they ran with the same ``--epochs``, ``--limit``,
+    ``--max-grad-norm`` and ``--targets`` (rows from before ``--targets`` are ``qv``)."""
+    return (
+        row.get("epochs_arg") == epochs
+        and row.get("limit") == limit
+        and row.get("max_grad_norm") == max_grad_norm
+        and row.get("targets", "qv") == targets
+    )
 
 
 def done_rows(
-    path: str | os.PathLike, epochs: int | None, limit: int | None, max_grad_norm: float | None = None
+    path: str | os.PathLike,
+    epochs: int | None,
+    limit: int | None,
+    max_grad_norm: float | None = None,
+    targets: str = DEFAULT_TARGETS,
 ) -> dict[Key, dict[str, Any]]:
+    """{(task, method, seed): row} of one setting; the setting completes the resume key."""
     return {
         (r["task"], r["method"], int(r["seed"])): r
         for r in read_rows(path)
-        if same_setting(r, epochs, limit, max_grad_norm)
+        if same_setting(r, epochs, limit, max_grad_norm, targets)
     }
 
 
@@ -190,6 +252,24 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def git_revision() -> str:
+    """The code's commit (``+dirty`` with uncommitted changes); ``AUTOLORA_GIT_REV`` overrides it
+    (a copy on another machine may carry stale git metadata, as in ``speed.py``)."""
+    if os.environ.get("AUTOLORA_GIT_REV"):
+        return os.environ["AUTOLORA_GIT_REV"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 # ----------------------------------------------------------------------------------------- training
 @dataclass
 class Outcome:
@@ -210,11 +290,15 @@ def train_peft(
     device: torch.device,
     after_step: Callable[[int], None] | None = None,
     max_grad_norm: float | None = None,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
 ) -> int:
-    """The PEFT baselines' loop, mirroring ``retrain``: AdamW, linear schedule with 6% warm-up, a
-    seeded permutation of the batches every epoch. ``after_step(global_step)`` runs after the
-    optimiser step and before ``zero_grad`` (where AdaLoRA's ``update_and_allocate`` belongs).
-    ``max_grad_norm`` clips the gradient's total 2-norm before each step (as ``retrain`` does).
+    """The PEFT baselines' loop, mirroring ``retrain``: AdamW (weight decay 0, fused on CUDA) over
+    every trainable parameter (adapters and head), linear schedule with 6% warm-up, the batches in
+    a ``torch.randperm`` order from ``Generator().manual_seed(seed)`` (the search seed, as
+    ``retrain``), all of train (``retrain`` merges the 30% split back), bf16 autocast on CUDA.
+    ``after_step(global_step)`` runs after the optimiser step and before ``zero_grad`` (where
+    AdaLoRA's ``update_and_allocate`` belongs). ``max_grad_norm`` clips the gradient's total 2-norm
+    before each step (as ``retrain`` does). ``loss_fn(model, batch)``: default ``outputs.loss``.
 
     Returns:
         The number of optimiser steps.
@@ -231,7 +315,7 @@ def train_peft(
     for epoch in range(epochs):
         for i in torch.randperm(len(batches), generator=order).tolist():
             with autocast(device):
-                loss = model(**batches[i]).loss
+                loss = model(**batches[i]).loss if loss_fn is None else loss_fn(model, batches[i])
             loss.backward()
             nonfinite |= ~torch.isfinite(loss.detach())
             if max_grad_norm is not None:
@@ -259,6 +343,7 @@ def run_lora(
     epochs: int,
     seed: int,
     device: torch.device,
+    targets: list[str],
     max_grad_norm: float | None = None,
 ) -> Outcome:
     from peft import LoraConfig, get_peft_model
@@ -268,12 +353,58 @@ def run_lora(
         r=method.rank,
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
-        target_modules=TARGETS,
+        target_modules=targets,
         modules_to_save=HEAD,
     )
     peft_model = get_peft_model(model, config)
     steps = train_peft(peft_model, batches, epochs, seed, device, max_grad_norm=max_grad_norm)
     return Outcome(peft_model, lora_parameter_count(peft_model), steps)
+
+
+def run_control(
+    model: nn.Module,
+    method: Method,
+    batches: list[Batch],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    targets: list[str],
+    ref: dict[str, Any],
+    max_grad_norm: float | None = None,
+) -> Outcome:
+    """PEFT LoRA at ranks derived from the AutoLoRA row ``ref`` (same task, seed and targets),
+    trained like its retrain: ``shuffled`` / ``shuffled_shape`` permute its per-module ranks,
+    ``uniform`` puts round(its mean rank) everywhere. Scaling ``lora_alpha / r_k`` per module."""
+    from peft import LoraConfig, get_peft_model
+
+    found = {n: int(ref["ranks"][n]) for n in targets}  # KeyError: the row is of another target setting
+    dims = gm.linear_dims(model, targets)
+    extra: dict[str, Any] = {
+        "control": method.control,
+        "rank_from_mean": sum(found.values()) / len(found),
+        "rank_from_adapter_params": ref["adapter_params"],
+    }
+    if method.control == "uniform":
+        ranks = dict.fromkeys(targets, gm.uniform_rank(found))
+    else:
+        shuffle_seed = gm.shuffle_seed(seed)
+        groups = dims if method.control == "shuffled_shape" else None
+        ranks = gm.permuted_ranks(found, shuffle_seed, groups)
+        extra |= {"shuffle_seed": shuffle_seed, "shuffle_rng": "random.Random(shuffle_seed).shuffle"}
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        lora_alpha=LORA_ALPHA,  # no alpha_pattern: scaling lora_alpha / r_k, as AutoLoRA's retrain
+        lora_dropout=0.0,
+        modules_to_save=HEAD,
+        **gm.lora_plan_config(ranks),
+    )
+    peft_model = get_peft_model(model, config)
+    gm.check_built(peft_model, ranks)
+    steps = train_peft(peft_model, batches, epochs, seed, device, max_grad_norm=max_grad_norm)
+    params = lora_parameter_count(peft_model)
+    if params != gm.adapter_size(ranks, dims):
+        raise RuntimeError(f"{params} LoRA parameters, but the plan has {gm.adapter_size(ranks, dims)}")
+    return Outcome(peft_model, params, steps, ranks, extra)
 
 
 def adalora_schedule(total: int) -> tuple[int, int]:
@@ -292,6 +423,7 @@ def run_adalora(
     epochs: int,
     seed: int,
     device: torch.device,
+    targets: list[str],
     target_r: int,
     max_grad_norm: float | None = None,
 ) -> Outcome:
@@ -311,25 +443,33 @@ def run_adalora(
         orth_reg_weight=orth_reg,
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
-        target_modules=TARGETS,
+        target_modules=targets,
         modules_to_save=HEAD,
     )
     peft_model = get_peft_model(model, config)
     allocator = peft_model.base_model
+    loss_fn = gm.logits_loss if method.loss == "logits" else None
     steps = train_peft(
-        peft_model, batches, epochs, seed, device, after_step=allocator.update_and_allocate, max_grad_norm=max_grad_norm
+        peft_model,
+        batches,
+        epochs,
+        seed,
+        device,
+        after_step=allocator.update_and_allocate,
+        max_grad_norm=max_grad_norm,
+        loss_fn=loss_fn,
     )
     ranks, dims = adalora_ranks(peft_model, method.rank)
     effective = sum(r * sum(dims[n]) for n, r in ranks.items())
     extra = {
         "adapter_params_raw": lora_parameter_count(peft_model),
         "init_r": method.rank,
-        "rank_from": method.rank_from,
         "target_r": target_r,
         "tinit": tinit,
         "tfinal": tfinal,
         "total_step": total,
         "orth_reg_weight": orth_reg,
+        "loss": "logits (no orthogonality term)" if method.loss == "logits" else "outputs.loss (with orth term)",
         "pruned": peft_model.peft_config["default"].rank_pattern is not None,
     }
     return Outcome(peft_model, effective, steps, ranks, extra)
@@ -370,6 +510,7 @@ def run_autolora(
     epochs: int,
     seed: int,
     device: torch.device,
+    targets: list[str],
     max_grad_norm: float | None = None,
 ) -> Outcome:
     from autolora import AutoLoRATrainer
@@ -378,7 +519,7 @@ def run_autolora(
     trainer = AutoLoRATrainer(
         model,
         max_rank=method.rank,
-        target_modules=TARGETS,
+        target_modules=targets,
         modules_to_save=HEAD,
         lora_alpha=LORA_ALPHA,
         hypergrad=method.hypergrad or "darts",
@@ -396,7 +537,7 @@ def run_autolora(
     search_s = time.perf_counter() - start
     search_steps = trainer.state.step
     gates = {n: [round(float(g), 5) for g in v] for n, v in trainer.gates().items()}
-    trainer.prune()
+    trainer.prune(**method.prune_kwargs)
     ranks = trainer.ranks()
     adapter = trainer.parameter_count()["adapter"]
     start = time.perf_counter()
@@ -412,24 +553,31 @@ def run_autolora(
         "max_rank": method.rank,
         "hypergrad": method.hypergrad,
         "selector_every": method.selector_every,
+        "prune_kwargs": method.prune_kwargs,
         "gates": gates,
     }
     return Outcome(trainer.model, adapter, search_steps + retrain_steps, ranks, extra)
 
 
-def adalora_target_r(
-    out: str, task: str, seed: int, method: Method, epochs: int | None, limit: int | None, max_grad_norm: float | None
-) -> dict:
-    """AdaLoRA's target_r: the rounded mean rank AutoLoRA (``method.rank_from``) found for the same
-    task and seed (halves round up), capped at init_r - 1 (PEFT's allocator needs something to prune:
-    with target_r = init_r its ``kthvalue`` gets k = 0 and fails)."""
-    ref = done_rows(out, epochs, limit, max_grad_norm).get((task, str(method.rank_from), seed))
+def reference_row(args: argparse.Namespace, method: Method) -> dict[str, Any]:
+    """The AutoLoRA row (``rank_source``) of the same task, seed and setting as this run."""
+    source = rank_source(method, args.targets)
+    rows = done_rows(args.out, args.epochs, args.limit, args.max_grad_norm, args.targets)
+    ref = rows.get((args.task, str(source), args.seed))
     if ref is None or not ref.get("ranks"):
         raise LookupError(
-            f"no {method.rank_from} row for {task} seed {seed} in {out} (same --epochs/--limit); run it first."
+            f"no {source} row for {args.task} seed {args.seed} in {args.out} (same --epochs/--limit/"
+            f"--max-grad-norm/--targets {args.targets}); run it first."
         )
+    return ref
+
+
+def adalora_target_r(ref: dict[str, Any], method: Method) -> dict:
+    """AdaLoRA's target_r: the rounded mean rank of the AutoLoRA row ``ref`` (halves round up, at
+    least 1), capped at init_r - 1 (PEFT's allocator needs something to prune: with
+    target_r = init_r its ``kthvalue`` gets k = 0 and fails)."""
     mean_rank = sum(ref["ranks"].values()) / len(ref["ranks"])
-    wanted = max(1, int(mean_rank + 0.5))
+    wanted = gm.uniform_rank(ref["ranks"])
     return {"target_r": min(wanted, method.rank - 1), "rank_from_mean": mean_rank, "rank_from_target": wanted}
 
 
@@ -448,12 +596,13 @@ def run_one(args: argparse.Namespace) -> None:
     task, seed, method = args.task, args.seed, METHODS[args.method]
     spec = TASKS[task]
     epochs = task_epochs(task, args.epochs)
-    adalora_info: dict[str, Any] = {}
+    ref_info: dict[str, Any] = {}
+    ref: dict[str, Any] | None = None
+    if method.rank_from is not None and not (method.family == "adalora" and args.target_r is not None):
+        ref = reference_row(args, method)
+        ref_info["rank_from"] = rank_source(method, args.targets)
     if method.family == "adalora":
-        if args.target_r is not None:
-            adalora_info = {"target_r": args.target_r}
-        else:
-            adalora_info = adalora_target_r(args.out, task, seed, method, args.epochs, args.limit, args.max_grad_norm)
+        ref_info |= {"target_r": args.target_r} if ref is None else adalora_target_r(ref, method)
 
     model_path = args.model or default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -467,6 +616,7 @@ def run_one(args: argparse.Namespace) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=spec.num_labels)
     model = model.float().to(device)
     train_batches, dev_batches = to_device(train_batches, device), to_device(dev_batches, device)
+    targets = gm.target_names(model, args.targets)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print(
@@ -475,14 +625,16 @@ def run_one(args: argparse.Namespace) -> None:
 
     synchronize(device)
     start = time.perf_counter()
+    common = (model, method, train_batches, epochs, seed, device, targets)
     if method.family == "lora":
-        outcome = run_lora(model, method, train_batches, epochs, seed, device, args.max_grad_norm)
+        outcome = run_lora(*common, args.max_grad_norm)
+    elif method.family == "control":
+        assert ref is not None
+        outcome = run_control(*common, ref, args.max_grad_norm)
     elif method.family == "adalora":
-        outcome = run_adalora(
-            model, method, train_batches, epochs, seed, device, adalora_info["target_r"], args.max_grad_norm
-        )
+        outcome = run_adalora(*common, ref_info["target_r"], args.max_grad_norm)
     else:
-        outcome = run_autolora(model, method, train_batches, epochs, seed, device, args.max_grad_norm)
+        outcome = run_autolora(*common, args.max_grad_norm)
     synchronize(device)
     wall = time.perf_counter() - start
     start = time.perf_counter()
@@ -507,7 +659,9 @@ def run_one(args: argparse.Namespace) -> None:
         "ranks": outcome.ranks,
         "mean_rank": sum(outcome.ranks.values()) / len(outcome.ranks) if outcome.ranks else method.rank,
         **(outcome.extra or {}),
-        **adalora_info,
+        **ref_info,
+        "targets": args.targets,
+        "target_modules": len(targets),
         "epochs": epochs,
         "epochs_arg": args.epochs,
         "limit": args.limit,
@@ -528,6 +682,7 @@ def run_one(args: argparse.Namespace) -> None:
         "peft": peft.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": args.command or shlex.join([sys.executable, *sys.argv]),
+        "git_rev": git_revision(),
         "job_s": round(time.time() - launched, 3),
     }
     append_row(args.out, row)
@@ -540,6 +695,7 @@ class Job:
     task: str
     method: str
     seed: int
+    targets: str = DEFAULT_TARGETS
 
     @property
     def key(self) -> Key:
@@ -547,7 +703,7 @@ class Job:
 
     @property
     def needs(self) -> Key | None:
-        ref = METHODS[self.method].rank_from
+        ref = rank_source(METHODS[self.method], self.targets)
         return (self.task, ref, self.seed) if ref else None
 
     def __str__(self) -> str:
@@ -561,19 +717,21 @@ class Running:
     log: Path
 
 
-def plan_jobs(tasks: list[str], methods: list[str], seeds: list[int], done: set[Key]) -> list[Job]:
+def plan_jobs(
+    tasks: list[str], methods: list[str], seeds: list[int], done: set[Key], targets: str = DEFAULT_TARGETS
+) -> list[Job]:
     """Missing jobs, seeds outermost, then tasks, then methods (a partial pass stays comparable);
-    an AdaLoRA job comes after the AutoLoRA job it takes its rank from."""
+    an AdaLoRA or control job comes after the AutoLoRA job it takes its ranks from."""
     jobs = []
     for seed in seeds:
         for task in tasks:
             ordered = sorted(methods, key=lambda m: METHODS[m].rank_from is not None)  # stable
-            jobs += [Job(task, m, seed) for m in ordered if (task, m, seed) not in done]
+            jobs += [Job(task, m, seed, targets) for m in ordered if (task, m, seed) not in done]
     return jobs
 
 
 # Rough job cost relative to a fixed-rank LoRA run, for a time estimate with no history of the method
-FAMILY_COST: dict[str, float] = {"lora": 1.0, "adalora": 1.5, "autolora": 2.5}
+FAMILY_COST: dict[str, float] = {"lora": 1.0, "control": 1.0, "adalora": 1.5, "autolora": 2.5}
 
 
 def estimate_s(rows: dict[Key, dict[str, Any]], job: Job) -> float | None:
@@ -602,6 +760,7 @@ class Runner:
         self.finished = 0
         self.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         self.command = shlex.join([sys.executable, *sys.argv])
+        self.git_rev = git_revision()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -610,18 +769,19 @@ class Runner:
         print(f"[{self.elapsed():7.1f}s] {text}", flush=True)
 
     def rows(self) -> dict[Key, dict[str, Any]]:
-        return done_rows(self.args.out, self.args.epochs, self.args.limit, self.args.max_grad_norm)
+        a = self.args
+        return done_rows(a.out, a.epochs, a.limit, a.max_grad_norm, a.targets)
 
     def launch(self, job: Job) -> None:
         a = self.args
         cmd = [sys.executable, os.path.abspath(__file__), "run-one", "--task", job.task, "--method", job.method]
         cmd += ["--seed", str(job.seed), "--data", a.data, "--out", a.out, "--threads", str(self.threads)]
         cmd += ["--launched-at", repr(time.time()), "--command", self.command, "--concurrent-jobs", str(a.jobs)]
+        cmd += ["--targets", a.targets, "--max-grad-norm", "none" if a.max_grad_norm is None else str(a.max_grad_norm)]
         for flag, value in (
             ("--model", a.model),
             ("--epochs", a.epochs),
             ("--limit", a.limit),
-            ("--max-grad-norm", a.max_grad_norm),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -629,6 +789,7 @@ class Runner:
             cmd.append("--cpu")
         log = self.logs / f"{job.task}_{job.method}_s{job.seed}.log"
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        env.setdefault("AUTOLORA_GIT_REV", self.git_rev)  # one revision for every row of the pass
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n")
             f.flush()
@@ -727,8 +888,8 @@ def run_all(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown method/task {unknown}; methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)}")
     if args.model is None:
         args.model = default_model()
-    done = set(done_rows(args.out, args.epochs, args.limit, args.max_grad_norm))
-    jobs = plan_jobs(args.tasks, args.methods, args.seeds, done)
+    done = set(done_rows(args.out, args.epochs, args.limit, args.max_grad_norm, args.targets))
+    jobs = plan_jobs(args.tasks, args.methods, args.seeds, done, args.targets)
     runner = Runner(args)
     runner.say(
         f"{len(jobs)} run(s) to do ({len(done)} already in {args.out}), {args.jobs} at a time, "
@@ -751,8 +912,21 @@ def add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     ap.add_argument(
-        "--max-grad-norm", type=float, default=None, help="clip every method's gradient norm (default: no clipping)"
+        "--max-grad-norm",
+        type=_norm_or_none,
+        default=DEFAULT_MAX_GRAD_NORM,
+        help=f"clip every method's gradient norm (default {DEFAULT_MAX_GRAD_NORM:g}; 'none': no clipping)",
     )
+    ap.add_argument(
+        "--targets",
+        choices=list(gm.TARGET_SETTINGS),
+        default=DEFAULT_TARGETS,
+        help="qv: query,value; all-linear: every Linear of the encoder layers (not pooler, not classifier)",
+    )
+
+
+def _norm_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def parse_runner(argv: list[str]) -> argparse.Namespace:

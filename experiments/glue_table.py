@@ -3,8 +3,8 @@ parameters, wall time, ranks, and a check of the four bars AutoLoRA has to clear
 
     python experiments/glue_table.py experiments/results/glue.jsonl > experiments/results/glue.md
 
-Rows are grouped by setting (``--epochs`` / ``--limit`` / ``--max-grad-norm`` of the pass), one
-section per setting.
+Rows are grouped by setting (``--targets`` / ``--epochs`` / ``--limit`` / ``--max-grad-norm`` of
+the pass), one section per setting.
 Cells are mean ± sample std over seeds, with the number of seeds (n). The five-task average is
 the mean of the per-task means, shown only when all five tasks are present. The bar checks
 compare methods on the (task, seed) pairs both have, so a partial pass compares like with like.
@@ -14,6 +14,11 @@ Bars, for every AutoLoRA method:
   2. not below the best single fixed rank (lora_r2 / r4 / r8 / r16);
   3. above AdaLoRA;
   4. wall time at most 2.0x lora_r8's on every task.
+
+Per setting also: adapter parameters per task; AutoLoRA's seed agreement (mean pairwise Spearman
+of the per-module rank vectors over seeds); the controls (AutoLoRA minus the shuffled and uniform
+rank plans it produced, paired by seed, with a sign count); the pipeline cost (search + retrain
+over lora_r8's wall time, same task and seed).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 TASKS: tuple[str, ...] = ("MRPC", "RTE", "CoLA", "STS-B", "SST-2")
 METRIC_SHORT = {"accuracy": "acc", "mcc": "mcc", "pearson": "pearson"}
-FAMILY_ORDER = {"lora": 0, "adalora": 1, "autolora": 2}
+FAMILY_ORDER = {"lora": 0, "adalora": 1, "control": 2, "autolora": 3}
 BASELINE = "lora_r8"
 WALL_FACTOR = 2.0
 
@@ -97,13 +104,14 @@ def header(path: str, rows: list[Row]) -> list[str]:
     dates = sorted(r.get("date", "") for r in rows)
     concurrency = sorted({int(r.get("concurrent_jobs") or 1) for r in rows})
     lines = [
-        "# GLUE dev: AutoLoRA vs PEFT LoRA and AdaLoRA (all-MiniLM-L6-v2)",
+        "# GLUE dev: AutoLoRA vs PEFT LoRA, AdaLoRA and rank controls (all-MiniLM-L6-v2)",
         "",
         f"- rows: {len(rows)} from `{path}`, {dates[0][:16]} to {dates[-1][:16]} (UTC)",
         f"- machine: {distinct('device')}; torch {distinct('torch')}, transformers {distinct('transformers')}, "
         f"peft {distinct('peft')}; precision {distinct('precision')}; "
         f"{'/'.join(map(str, concurrency))} worker(s) at a time",
     ]
+    lines.append(f"- code revision: {distinct('git_rev')}")
     lines += [f"- command: `{c}`" for c in sorted({r.get("command", "?") for r in rows})]
     return lines
 
@@ -125,6 +133,10 @@ def section(rows: list[Row]) -> list[str]:
     for m in methods:
         per_task = table[m]
         cells = [fmt_metric([r["dev_metric"] for r in per_task.get(t, {}).values()]) for t in tasks]
+        if _family(table, m) == "autolora":  # the seed agreement of the ranks next to the score
+            cells = [
+                c if c == "—" else f"{c}; ρ {seed_agreement(per_task[t]).split(' (')[0]}" for c, t in zip(cells, tasks)
+            ]
         all_rows = [r for t in per_task for r in per_task[t].values()]
         avg = "—"
         if all(per_task.get(t) for t in TASKS):
@@ -133,6 +145,7 @@ def section(rows: list[Row]) -> list[str]:
     lines += [
         "",
         "Epochs per task: " + ", ".join(f"{t} {'/'.join(map(str, epochs[t]))}" for t in tasks) + ". "
+        "ρ: AutoLoRA's seed agreement (see below). "
         "Adapter params exclude the classifier head; for AdaLoRA they are the final effective budget "
         "(kept rank × (in + out) summed over matrices), its raw trainable count (A, E, B at init_r) in brackets; "
         "where they vary over tasks and seeds, the mean and (range).",
@@ -180,7 +193,150 @@ def section(rows: list[Row]) -> list[str]:
                 mean = statistics.fmean(statistics.fmean(ranks.values()) for ranks in found)
                 cells.append(f"{mean:.2f} ({min(every)}–{max(every)})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += sizes(table, methods, tasks)
+    lines += agreement(table, methods, tasks)
+    lines += controls(table, methods, tasks)
+    lines += pipeline_cost(table, methods, tasks)
     lines += ["", "### Bars", "", *bars(table, methods)]
+    return lines
+
+
+def sizes(table, methods: list[str], tasks: list[str]) -> list[str]:
+    """Adapter parameters per method and task (mean over seeds; range if they differ)."""
+    lines = ["", "### Adapter parameters per task (mean over seeds; min–max where seeds differ)", ""]
+    lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        cells = [params_cell(list(table[m][t].values())) if table[m].get(t) else "—" for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x``, ties given the mean of the ranks they span."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho (Pearson of average ranks); None if either vector is constant."""
+    x, y = average_ranks(np.asarray(a, float)), average_ranks(np.asarray(b, float))
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return None if denom == 0 else float((x * y).sum() / denom)
+
+
+def seed_agreement(runs: dict[int, Row]) -> str:
+    """Mean pairwise Spearman of the per-module rank vectors over seeds, as a cell."""
+    vectors = {s: r["ranks"] for s, r in sorted(runs.items()) if r.get("ranks")}
+    if len(vectors) < 2:
+        return f"n/a ({len(vectors)} seed)"
+    seeds = list(vectors)
+    names = sorted(vectors[seeds[0]])
+    if any(sorted(v) != names for v in vectors.values()):
+        return "n/a (module sets differ)"
+    rhos, constant = [], 0
+    for i, s in enumerate(seeds):
+        for t in seeds[i + 1 :]:
+            rho = spearman([vectors[s][n] for n in names], [vectors[t][n] for n in names])
+            if rho is None:
+                constant += 1
+            else:
+                rhos.append(rho)
+    if not rhos:
+        return "n/a (constant)"
+    note = f", {constant} pair(s) constant" if constant else ""
+    return f"{statistics.fmean(rhos):.2f} ({len(rhos)} pairs{note})"
+
+
+def agreement(table, methods: list[str], tasks: list[str]) -> list[str]:
+    auto = [m for m in methods if _family(table, m) == "autolora"]
+    if not auto:
+        return []
+    lines = ["", "### Seed agreement of AutoLoRA's ranks (mean pairwise Spearman over seeds)", ""]
+    lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in auto:
+        lines.append(f"| {m} | " + " | ".join(seed_agreement(table[m].get(t, {})) for t in tasks) + " |")
+    lines += [
+        "",
+        "1 = the seeds rank the modules in the same order; about 0 = no agreement. "
+        "`n/a (constant)`: every rank vector is constant (Spearman is undefined).",
+    ]
+    return lines
+
+
+def controls(table, methods: list[str], tasks: list[str]) -> list[str]:
+    """AutoLoRA minus each method that took its ranks from it (controls and AdaLoRA), paired by
+    seed: the mean difference per task and how many (task, seed) pairs AutoLoRA wins."""
+    lines = []
+    for a in (m for m in methods if _family(table, m) == "autolora"):
+        others = [
+            m
+            for m in methods
+            if _family(table, m) in ("control", "adalora")
+            and any(r.get("rank_from") == a for t in table[m] for r in table[m][t].values())
+        ]
+        if not others:
+            continue
+        lines += ["", f"### Controls: {a} minus each method that took its ranks from it (paired by seed)", ""]
+        lines += ["| minus | " + " | ".join(tasks) + " | wins (pairs) |", "|---|" + "---|" * len(tasks) + "---|"]
+        for c in others:
+            cells, wins, pairs = [], 0, 0
+            for t in tasks:
+                seeds = [
+                    s for s, r in table[c].get(t, {}).items() if r.get("rank_from") == a and s in table[a].get(t, {})
+                ]
+                if not seeds:
+                    cells.append("—")
+                    continue
+                diffs = [table[a][t][s]["dev_metric"] - table[c][t][s]["dev_metric"] for s in seeds]
+                wins += sum(d > 0 for d in diffs)
+                pairs += len(diffs)
+                cells.append(f"{statistics.fmean(diffs):+.3f} (n{len(diffs)})")
+            lines.append(f"| {c} | " + " | ".join(cells) + f" | {wins}/{pairs} |")
+        lines += [
+            "",
+            f"Positive: {a} is better. Wins: the (task, seed) pairs where {a} is strictly better (a sign count, "
+            "no test). shuffled = the found ranks permuted over the modules; shuffled_shape = permuted among "
+            "modules of one weight shape (exactly the same adapter size); uniform = round(mean rank) everywhere. "
+            f"If {a} does not beat the shuffled control, the search adds nothing over its rank multiset.",
+        ]
+    return lines
+
+
+def pipeline_cost(table, methods: list[str], tasks: list[str]) -> list[str]:
+    """AutoLoRA's search + retrain over lora_r8's wall time, per task, paired by seed."""
+    lines = []
+    if BASELINE not in table:
+        return ["", f"Pipeline cost: n/a (no {BASELINE} rows in this setting)."]
+    for a in (m for m in methods if _family(table, m) == "autolora"):
+        parts, ratios, jobs = [], [], set()
+        for t in tasks:
+            seeds = sorted(set(table[a].get(t, {})) & set(table[BASELINE].get(t, {})))
+            mine = [table[a][t][s] for s in seeds if "search_s" in table[a][t][s]]
+            if not mine:
+                continue
+            per_seed = [(r["search_s"] + r["retrain_s"]) / table[BASELINE][t][r["seed"]]["wall_s"] for r in mine]
+            jobs |= {int(r.get("concurrent_jobs") or 1) for r in mine}
+            jobs |= {int(table[BASELINE][t][r["seed"]].get("concurrent_jobs") or 1) for r in mine}
+            ratios += per_seed
+            parts.append(f"{t} {statistics.fmean(per_seed):.2f}× (n{len(per_seed)})")
+        if parts:
+            lines += [
+                "",
+                f"**Pipeline cost** of {a} (search + retrain) / {BASELINE} wall time, same task and seed: "
+                + ", ".join(parts)
+                + f"; mean {statistics.fmean(ratios):.2f}× (goal ≤ 1.5×); "
+                f"--jobs {'/'.join(map(str, sorted(jobs)))} concurrent run(s).",
+            ]
     return lines
 
 
@@ -286,12 +442,15 @@ def _n(common: dict[str, list[int]]) -> str:
 
 
 def render(path: str, rows: list[Row]) -> str:
-    groups: dict[tuple[Any, Any, Any], list[Row]] = defaultdict(list)
+    groups: dict[tuple[Any, Any, Any, Any], list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r.get("epochs_arg"), r.get("limit"), r.get("max_grad_norm"))].append(r)
+        groups[(r.get("targets", "qv"), r.get("epochs_arg"), r.get("limit"), r.get("max_grad_norm"))].append(r)
     lines = header(path, rows)
-    for (epochs, limit, clip), group in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, str(kv[0]))):
-        title = "default epochs (10; SST-2 1)" if epochs is None else f"--epochs {epochs}"
+    for (targets, epochs, limit, clip), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][2] is not None, str(kv[0]))
+    ):
+        title = f"targets {targets}, "
+        title += "default epochs (10; SST-2 1)" if epochs is None else f"--epochs {epochs}"
         title += ", full data" if limit is None else f", --limit {limit} (smoke test: metrics meaningless)"
         title += "" if clip is None else f", gradient norm clipped to {clip:g} (every method)"
         lines += ["", f"## {title}", *section(group)]

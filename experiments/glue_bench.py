@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -513,7 +514,7 @@ def run_autolora(
     targets: list[str],
     max_grad_norm: float | None = None,
 ) -> Outcome:
-    from autolora import AutoLoRATrainer
+    from autolora import AutoLoRATrainer, RankWarning
 
     options: dict[str, Any] = {"autocast": "bf16"} if device.type == "cuda" else {}
     trainer = AutoLoRATrainer(
@@ -537,8 +538,11 @@ def run_autolora(
     search_s = time.perf_counter() - start
     search_steps = trainer.state.step
     gates = {n: [round(float(g), 5) for g in v] for n, v in trainer.gates().items()}
-    trainer.prune(**method.prune_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RankWarning)
+        trainer.prune(**method.prune_kwargs)
     ranks = trainer.ranks()
+    record = trainer.rank_record()
     adapter = trainer.parameter_count()["adapter"]
     start = time.perf_counter()
     trainer.retrain(batches, epochs=epochs, lr=LR)
@@ -555,6 +559,10 @@ def run_autolora(
         "selector_every": method.selector_every,
         "prune_kwargs": method.prune_kwargs,
         "gates": gates,
+        "scores": record["scores"],
+        "confidence": record["confidence"],
+        "rank_warning": record["warning"],
+        "warnings": [str(w.message) for w in caught],
     }
     return Outcome(trainer.model, adapter, search_steps + retrain_steps, ranks, extra)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rank_signal import mean_pairwise  # noqa: E402
+from rank_signal import mean_pairwise
 
 RECIPES = {
     "shipped": {"hypergrad": "first_order", "selector_every": 4},
@@ -46,11 +46,8 @@ def run_job(task: str, recipe: str, seed: int, args) -> dict:
     from glue_bench import BATCH_SIZE, HEAD, LORA_ALPHA, LR, MAX_LENGTH, TARGETS, load_task, task_epochs
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from autolora import AutoLoRATrainer
-    from autolora.data import to_device
-    from autolora.glue import TASKS as SPECS
-    from autolora.glue import make_batches
-    from autolora.plan.scores import base_rms, spectrum_scores
+    from autolora import GLUE_TASKS as SPECS
+    from autolora import AutoLoRATrainer, make_batches, to_device
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = SPECS[task]
@@ -58,7 +55,9 @@ def run_job(task: str, recipe: str, seed: int, args) -> dict:
     train, _ = load_task(task, args.data, args.limit)
     batches = make_batches(tok, train, BATCH_SIZE, MAX_LENGTH, shuffle=True, seed=seed, regression=spec.labels is None)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=spec.num_labels).float().to(device)
+    model = (
+        AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=spec.num_labels).float().to(device)
+    )
     model.train()
     batches = to_device(batches, device)
     kw = dict(RECIPES[recipe])
@@ -78,12 +77,8 @@ def run_job(task: str, recipe: str, seed: int, args) -> dict:
     t0 = time.perf_counter()
     trainer.fit(batches, epochs=task_epochs(task, args.epochs))
     seconds = time.perf_counter() - t0
-    scores, gates = {}, {}
-    for name, a in trainer.adapters.items():
-        g = a.gates().detach()
-        b = a.lora_B.detach() * (a.scale * g)
-        scores[name] = spectrum_scores(a.lora_A.detach(), b, base_rms(a.base_layer.weight), a.rank).tolist()
-        gates[name] = g.tolist()
+    scores = {n: s.tolist() for n, s in trainer.scores().items()}
+    gates = {n: g.tolist() for n, g in trainer.gates().items()}
     return {
         "task": task,
         "recipe": recipe,
@@ -93,7 +88,7 @@ def run_job(task: str, recipe: str, seed: int, args) -> dict:
         "steps": trainer.state.step,
         "scores": scores,
         "gates": gates,
-        "gate_ranks": trainer.ranks(),
+        "gate_ranks": {n: max(1, int((g >= 1 / 8 * (1 - 1e-6)).sum())) for n, g in trainer.gates().items()},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -119,7 +114,8 @@ def rule_ranks(scores: dict[str, list[float]], rule: str) -> list[int]:
 
 
 def summarise(path: str) -> None:
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     rules = ["gate", "global_0.25", "global_0.5", "module_0.1", "module_0.25", "budget_2", "budget_4"]
     print(f"{'task':6} {'recipe':13} {'n':>2} " + " ".join(f"{r:>12}" for r in rules) + "   mean ranks (global_0.25)")
     for task, recipe in itertools.product(TASKS, RECIPES):

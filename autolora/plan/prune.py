@@ -224,7 +224,9 @@ def choose_keep(
             raise ConfigError(
                 f"target_rank={target_rank!r} is invalid; it must be an integer from 1 to max_rank={max_rank}."
             )
-        keep = budget_keep(scores, target_rank * len(scores), min_rank=min_rank, max_rank_per_module=max_rank_per_module)
+        keep = budget_keep(
+            scores, target_rank * len(scores), min_rank=min_rank, max_rank_per_module=max_rank_per_module
+        )
         return keep, _budget_level(scores, keep)
     ok = threshold is None or (
         isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)

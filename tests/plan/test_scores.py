@@ -22,7 +22,7 @@ def test_update_svd_matches_float64_reference(r, d_in, d_out):
     g = torch.Generator().manual_seed(r)
     a, b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
     u, s, vh = update_svd(a, b)
-    ref = torch.linalg.svdvals((b.double() @ a.double()))
+    ref = torch.linalg.svdvals(b.double() @ a.double())
     torch.testing.assert_close(s.double(), ref[: s.numel()], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(u @ torch.diag(s) @ vh, b @ a, rtol=1e-4, atol=1e-5)
     assert torch.all(s[:-1] >= s[1:])

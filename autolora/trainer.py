@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autolora import checkpoint
+import autolora.checkpoint as checkpoint
 from autolora.adapted import AdaptedModel
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
 from autolora.data import Cycle, fit_data, retrain_batches

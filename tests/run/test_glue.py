@@ -9,7 +9,6 @@ import torch
 
 from autolora import DataError
 from autolora.run.glue import TASKS, read_tsv
-from autolora.run.text import evaluate, make_batches
 
 GLUE = Path(os.environ.get("AUTOLORA_GLUE_DIR", Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"))
 needs_glue = pytest.mark.skipif(not (GLUE / "row_counts.json").is_file(), reason="GLUE TSVs not present")
@@ -52,33 +51,3 @@ def test_bad_files(tmp_path):
         read_tsv(tmp_path / "bad.tsv", "SST-2")
     with pytest.raises(DataError, match="unknown GLUE task"):
         read_tsv(tmp_path / "bad.tsv", "SST-3")
-
-
-def test_metrics():
-    class Fixed(torch.nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.logits = logits
-
-        def forward(self, **batch):
-            return type("Out", (), {"logits": self.logits})()
-
-    batch = {"input_ids": torch.zeros(4, 1), "labels": torch.tensor([1, 0, 1, 1])}
-    model = Fixed(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
-    assert evaluate(model, [batch]) == 0.75
-    assert evaluate(model, [batch], "mcc") == pytest.approx((2 * 1 - 0 * 1) / (2 * 3 * 1 * 2) ** 0.5)
-
-
-def test_make_batches_pads_dynamically():
-    class Tok:
-        def __call__(self, *columns, truncation, max_length, padding, return_tensors):
-            n = max(len(t.split()) for t in columns[0])
-            return {"input_ids": torch.zeros(len(columns[0]), n, dtype=torch.long)}
-
-    from autolora.run.glue import Examples
-
-    ex = Examples([("a b c",), ("a",), ("a b",)], [0, 1, 0])
-    batches = make_batches(Tok(), ex, batch_size=2)
-    assert [b["input_ids"].shape for b in batches] == [(2, 3), (1, 2)]
-    assert batches[0]["labels"].tolist() == [0, 1]

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from autolora import DataError
-from autolora.run.text import read_table
+from autolora.run.text import Examples, evaluate, make_batches, read_table
 
 
 def test_tsv_csv_and_jsonl_give_the_same_examples(tmp_path):
@@ -56,3 +57,31 @@ def test_missing_and_unsupported_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": "a"}\n{broken\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2 is not valid JSON"):
         read_table(tmp_path / "bad.jsonl", ["text"], "label")
+
+
+def test_metrics():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.logits = logits
+
+        def forward(self, **batch):
+            return type("Out", (), {"logits": self.logits})()
+
+    batch = {"input_ids": torch.zeros(4, 1), "labels": torch.tensor([1, 0, 1, 1])}
+    model = Fixed(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert evaluate(model, [batch]) == 0.75
+    assert evaluate(model, [batch], "mcc") == pytest.approx((2 * 1 - 0 * 1) / (2 * 3 * 1 * 2) ** 0.5)
+
+
+def test_make_batches_pads_dynamically():
+    class Tok:
+        def __call__(self, *columns, truncation, max_length, padding, return_tensors):
+            n = max(len(t.split()) for t in columns[0])
+            return {"input_ids": torch.zeros(len(columns[0]), n, dtype=torch.long)}
+
+    ex = Examples([("a b c",), ("a",), ("a b",)], [0, 1, 0])
+    batches = make_batches(Tok(), ex, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 3), (1, 2)]
+    assert batches[0]["labels"].tolist() == [0, 1]

@@ -323,6 +323,9 @@ class AutoLoRATrainer(AdaptedModel):
 
     def _on_pruned(self) -> None:
         self.search = self._build_search()  # the selectors are gone; fresh optimisers
+        logger = self._get_logger()
+        if dashboard.draws(logger) and self.plan is not None:
+            dashboard.log_confidence(logger, self.state.step, self.plan.confidence, self.plan.warning)
 
     def close(self) -> None:
         """Flush and close the logger."""

@@ -23,8 +23,10 @@ def test_fresh_adapters_have_uniform_gates_and_full_rank():
 
 def test_prune_shrinks_records_and_refuses_another_rule():
     m = _adapted()
-    with torch.no_grad():
-        m.adapters["fc1"].selector.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    with torch.no_grad():  # fc2's update full rank, fc1's rank 1 (one B column)
+        for a in m.adapters.values():
+            a.lora_B.copy_(torch.eye(a.lora_B.shape[0], 4))
+        m.adapters["fc1"].lora_B[:, 1:] = 0
     plan = m.prune()
     assert plan == {"fc1": 1, "fc2": 4} and m.ranks() == plan
     assert m.prune() == plan  # the same rule again: the same plan

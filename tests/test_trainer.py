@@ -8,6 +8,7 @@ from tests.conftest import MLP, bert, mlp_batches, mlp_loss, token_batches
 
 def _mlp(**kw):
     kw.setdefault("hypergrad", "darts")
+    kw.setdefault("selector_every", 1)
     return AutoLoRATrainer(
         MLP(), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], loss_fn=mlp_loss, **kw
     )
@@ -83,7 +84,7 @@ def test_bad_val_data_and_single_batch():
 
 
 def test_missing_labels_is_a_clear_error():
-    t = AutoLoRATrainer(bert(), max_rank=4)
+    t = AutoLoRATrainer(bert(), max_rank=4, selector_every=1)
     with pytest.raises(DataError, match="'labels'"):
         t.fit(token_batches(4, labels="none"))
 
@@ -97,7 +98,9 @@ def test_non_finite_loss_stops_before_any_update(engine):
         loss = mlp_loss(model, batch)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    t = AutoLoRATrainer(MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=loss_fn, hypergrad=engine)
+    t = AutoLoRATrainer(
+        MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=loss_fn, hypergrad=engine, selector_every=1
+    )
     with pytest.raises(NonFiniteError, match=r"step \d+: the .* is not finite"):
         t.fit(mlp_batches(6), epochs=3)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())

@@ -12,7 +12,14 @@ from tests.conftest import MLP, bert, mlp_batches, mlp_loss, token_batches
 def _mlp(**kw):
     torch.manual_seed(0)
     return AutoLoRATrainer(
-        MLP(), max_rank=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], loss_fn=mlp_loss, seed=2, **kw
+        MLP(),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        modules_to_save=["head"],
+        loss_fn=mlp_loss,
+        seed=2,
+        **kw,
+        selector_every=1,
     )
 
 
@@ -47,7 +54,13 @@ def test_skip_nonfinite_keeps_every_parameter_finite(engine):
 
     torch.manual_seed(0)
     t = AutoLoRATrainer(
-        MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=loss_fn, hypergrad=engine, skip_nonfinite=True
+        MLP(),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        loss_fn=loss_fn,
+        hypergrad=engine,
+        skip_nonfinite=True,
+        selector_every=1,
     )
     t.fit(mlp_batches(8), epochs=2)
     assert t.state.step == 12 and 0 < t.state.skipped_steps < 12
@@ -68,7 +81,9 @@ def test_nan_in_the_validation_pass_stops_before_any_update():
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
 def test_autocast_trains_with_fp32_adapters(kind):
     torch.manual_seed(0)
-    t = AutoLoRATrainer(bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts", autocast=kind)
+    t = AutoLoRATrainer(
+        bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts", autocast=kind, selector_every=1
+    )
     t.fit(token_batches(4), epochs=1)
     layer = t.adapters["bert.encoder.layer.0.attention.self.query"]
     assert layer.lora_A.dtype == torch.float32 and torch.isfinite(layer.lora_B).all()
@@ -78,9 +93,14 @@ def test_autocast_trains_with_fp32_adapters(kind):
 
 def test_gradient_checkpointing_gives_the_same_hypergradient():
     batches = token_batches(2)
-    plain = AutoLoRATrainer(bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts")
+    plain = AutoLoRATrainer(bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts", selector_every=1)
     ckpt = AutoLoRATrainer(
-        bert(), max_rank=4, target_modules=["query", "value"], hypergrad="darts", gradient_checkpointing=True
+        bert(),
+        max_rank=4,
+        target_modules=["query", "value"],
+        hypergrad="darts",
+        gradient_checkpointing=True,
+        selector_every=1,
     )
     assert ckpt.model.training and any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
     plain.fit(batches, batches, max_steps=1)
@@ -92,7 +112,14 @@ def test_gradient_checkpointing_gives_the_same_hypergradient():
 
 def test_gradient_checkpointing_errors():
     with pytest.raises(ConfigError, match="cannot run with gradient_checkpointing"):
-        AutoLoRATrainer(bert(), max_rank=2, target_modules=["query"], hypergrad="unrolled", gradient_checkpointing=True)
+        AutoLoRATrainer(
+            bert(),
+            max_rank=2,
+            target_modules=["query"],
+            hypergrad="unrolled",
+            gradient_checkpointing=True,
+            selector_every=1,
+        )
     with pytest.raises(ConfigError, match="does not have"):
         _mlp(gradient_checkpointing=True)
 

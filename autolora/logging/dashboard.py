@@ -93,6 +93,20 @@ def log_summary(
     logger.log_hparams(dict(hparams), final, step)
 
 
+def log_confidence(
+    logger: LoggerBase, step: int, confidence: Mapping[str, float], warning: str | None
+) -> None:
+    """The pruned plan's confidence: one ``confidence/<module>`` scalar each, their layer x type
+    heatmap and table, and the warning when the components were not separated."""
+    logger.log_dict({f"confidence/{n}": float(c) for n, c in confidence.items()}, step)
+    if not confidence:
+        return
+    fig = rank_heatmap(confidence, 1.0, "confidence of each rank", label="confidence", fmt="{:.2f}")
+    logger.log_image("ranks/confidence", figure_to_array(fig), step)
+    text = rank_table(confidence, "{:.2f}")
+    logger.log_text("rank_confidence", f"**warning:** {warning}\n\n{text}" if warning else text, step)
+
+
 class SearchLog:
     """The search's logger, opened on first use, and the step at which it last logged.
 

@@ -56,13 +56,14 @@ def layer_grid(names: Sequence[str]) -> Grid:
     return Grid(tuple(rows), tuple(cols), cells)
 
 
-def rank_table(ranks: Mapping[str, int]) -> str:
-    """The rank plan as a markdown table, layers x module types (``-`` where nothing is adapted)."""
+def rank_table(ranks: Mapping[str, float], fmt: str = "{:.0f}") -> str:
+    """The rank plan (or any per-module value, formatted with ``fmt``) as a markdown table,
+    layers x module types (``-`` where nothing is adapted)."""
     grid = layer_grid(list(ranks))
     matrix = grid.fill(ranks)
     lines = ["| layer | " + " | ".join(grid.cols) + " |", "|---" * (len(grid.cols) + 1) + "|"]
     for label, row in zip(grid.rows, matrix):
-        lines.append(f"| {label} | " + " | ".join("-" if np.isnan(v) else str(int(v)) for v in row) + " |")
+        lines.append(f"| {label} | " + " | ".join("-" if np.isnan(v) else fmt.format(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -75,8 +76,11 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100)
 
 
-def rank_heatmap(ranks: Mapping[str, int], max_rank: int, title: str = "rank per layer"):
-    """A matplotlib Figure: ranks on the layer x type grid, annotated with their values."""
+def rank_heatmap(
+    ranks: Mapping[str, float], max_rank: float, title: str = "rank per layer", label: str = "rank", fmt: str = "{:.0f}"
+):
+    """A matplotlib Figure: ranks (or another per-module value in [0, max_rank]) on the layer x
+    type grid, annotated with their values."""
     grid = layer_grid(list(ranks))
     matrix = grid.fill(ranks)
     fig = _figure(1.6 + 1.1 * len(grid.cols), 1.2 + 0.42 * len(grid.rows))
@@ -89,8 +93,8 @@ def rank_heatmap(ranks: Mapping[str, int], max_rank: int, title: str = "rank per
     ax.set_title(title)
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isnan(v):
-            ax.text(j, i, str(int(v)), ha="center", va="center", color="w" if v < 0.6 * max_rank else "k")
-    fig.colorbar(im, ax=ax, label="rank")
+            ax.text(j, i, fmt.format(v), ha="center", va="center", color="w" if v < 0.6 * max_rank else "k")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     return fig
 

@@ -279,9 +279,9 @@ def assess(
     why = None
     if tail and mean_conf < MIN_CONFIDENCE:
         why = f"mean confidence {mean_conf:.2f} over the last {len(tail)} plans of the search"
-    elif sep is None:
+    elif all(len(k) == len(scores[n]) for n, k in keep.items()):
         why = "every module kept all its components, so none was told apart from the rest"
-    elif sep < MIN_SEPARATION:
+    elif sep is not None and sep < MIN_SEPARATION:
         why = f"the kept components score only {sep:.1f}x the dropped ones"
     warning = None
     if why:
@@ -295,13 +295,11 @@ def assess(
 
 def separation(scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]) -> float | None:
     """The median kept score over the median dropped score, all modules pooled (``None`` when
-    nothing was dropped): how far the plan's cut stands from a cut through noise."""
+    nothing was kept or nothing dropped): how far the plan's cut stands from a cut through noise."""
     kept = [float(scores[n][j]) for n, idx in keep.items() for j in idx]
     dropped = [float(v) for n, s in scores.items() for j, v in enumerate(s.tolist()) if j not in keep[n]]
-    if not dropped:
+    if not dropped or not kept:
         return None
-    if not kept:
-        return 0.0
     return statistics.median(kept) / max(statistics.median(dropped), 1e-12)
 
 

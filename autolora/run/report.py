@@ -22,6 +22,7 @@ FIGURES = {
     "gate_distribution.png": "Distribution of the final gate values",
     "gate_heatmap.png": "Final gate values per module",
     "rank_over_time.png": "Ranks during the search",
+    "rank_confidence.png": "Confidence of each rank",
 }
 
 
@@ -72,10 +73,12 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     ranks = {name: int(points[-1][1]) for name, points in history.items()}
     parameters = {"adapter": int(last.get("summary/adapter_params", 0))}
     ranks_path = _find(run_dir, "ranks.json")
+    confidence, warning = {}, None
     if ranks_path is not None:
         try:
             record = json.loads(ranks_path.read_text())
             ranks, gates = record["ranks"], record.get("gates", gates)
+            confidence, warning = record.get("confidence") or {}, record.get("warning")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(
                 f"{ranks_path} is corrupt or truncated ({type(e).__name__}: {e}); re-export the adapter "
@@ -93,6 +96,8 @@ def read_run(run_dir: str | os.PathLike) -> dict:
         "max_rank": int(config.get("max_rank", max(ranks.values()))),
         "gate": config.get("gate", "softmax"),
         "last": last,
+        "confidence": confidence,
+        "warning": warning,
     }
 
 
@@ -109,6 +114,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         drawn["gate_heatmap.png"] = figures.gate_heatmap(gates, "final gate values")
     if run["history"]:
         drawn["rank_over_time.png"] = figures.rank_curves(run["history"])
+    confidence = {n: c for n, c in run["confidence"].items() if n in ranks}
+    if confidence:
+        drawn["rank_confidence.png"] = figures.rank_heatmap(
+            confidence, 1.0, "confidence of each rank", label="confidence", fmt="{:.2f}"
+        )
     for name, fig in drawn.items():
         fig.savefig(run_dir / name)
     total = sum(ranks.values())
@@ -128,7 +138,20 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ]
     if "loss/val" in run["last"]:
         lines.append(f"- last validation loss: {run['last']['loss/val']:.4f}")
+    if run["warning"]:
+        lines += ["", f"**Warning:** {run['warning']}"]
     lines += ["", "## Ranks (layer x module type)", "", figures.rank_table(ranks), ""]
+    if confidence:
+        mean = sum(confidence.values()) / len(confidence)
+        lines += [
+            "## How sure each rank is",
+            "",
+            f"The fraction of the plans over the last quarter of the search that gave each module its final rank "
+            f"(mean {mean:.2f}); low values mean the rank moved while the search ended.",
+            "",
+            figures.rank_table(confidence, "{:.2f}"),
+            "",
+        ]
     for name, caption in FIGURES.items():
         if name in drawn:
             lines += [f"## {caption}", "", f"![{caption}]({name})", ""]

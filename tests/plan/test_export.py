@@ -94,7 +94,7 @@ def test_export_refuses_non_empty_folder_and_files(tmp_path):
 
 
 def test_crash_mid_export_leaves_nothing(tmp_path, monkeypatch):
-    import autolora.export as export
+    import autolora.plan.export as export
 
     t = AutoLoRATrainer(MLP(), max_rank=2, target_modules=["fc1"], loss_fn=mlp_loss)
 

@@ -34,7 +34,9 @@ def test_budget_rule_global_order_and_ties():
 
 
 def _searched(**kw):
-    t = AutoLoRATrainer(MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, selector_lr=0.2, **kw)
+    t = AutoLoRATrainer(
+        MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, selector_lr=0.2, **kw, selector_every=1
+    )
     t.fit(mlp_batches(6), epochs=3)
     return t
 
@@ -98,7 +100,7 @@ def test_rank_zero_removes_module():
 def test_budget_varies_ranks_and_count_matches_export(tmp_path):
     from safetensors.torch import load_file
 
-    t = AutoLoRATrainer(bert(), max_rank=6, hypergrad="first_order", selector_lr=0.2)
+    t = AutoLoRATrainer(bert(), max_rank=6, hypergrad="first_order", selector_lr=0.2, selector_every=1)
     from tests.conftest import token_batches
 
     t.fit(token_batches(8), epochs=3)

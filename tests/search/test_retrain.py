@@ -10,7 +10,9 @@ from tests.conftest import MLP, bert, gpt2, load_peft, mlp_batches, mlp_loss, to
 def _searched_bert():
     model = bert()
     base = copy.deepcopy(model)
-    t = AutoLoRATrainer(model, max_rank=6, modules_to_save=["classifier"], hypergrad="first_order", selector_lr=0.1)
+    t = AutoLoRATrainer(
+        model, max_rank=6, modules_to_save=["classifier"], hypergrad="first_order", selector_lr=0.1, selector_every=1
+    )
     batches = token_batches(8)
     t.fit(batches, epochs=3)
     return t, base, batches
@@ -86,7 +88,9 @@ def test_merged_export_of_a_tied_lm_head_leaves_embeddings_alone(tmp_path):
     model = gpt2()
     base = copy.deepcopy(model)
     assert model.lm_head.weight is model.transformer.wte.weight
-    t = AutoLoRATrainer(model, max_rank=4, target_modules=["c_attn", "lm_head"], hypergrad="first_order", lr=1e-2)
+    t = AutoLoRATrainer(
+        model, max_rank=4, target_modules=["c_attn", "lm_head"], hypergrad="first_order", lr=1e-2, selector_every=1
+    )
     batches = token_batches(6, labels="lm")
     t.fit(batches, epochs=2)
     t.export_merged(tmp_path / "m")
@@ -102,7 +106,7 @@ def test_merged_export_of_a_tied_lm_head_leaves_embeddings_alone(tmp_path):
 def test_merged_export_plain_model(tmp_path):
     from safetensors.torch import load_file
 
-    t = AutoLoRATrainer(MLP(), max_rank=3, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, lr=1e-2)
+    t = AutoLoRATrainer(MLP(), max_rank=3, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, lr=1e-2, selector_every=1)
     batches = mlp_batches(6)
     t.fit(batches, epochs=2)
     t.export_merged(tmp_path / "m")

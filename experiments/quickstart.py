@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=2000, help="rows of SST-2 train to use (seeded sample)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-rank", type=int, default=8)
-    ap.add_argument("--hypergrad", default="darts")
+    ap.add_argument("--hypergrad", default=None, help="engine (default: the library's, first_order)")
     ap.add_argument("--out", default="runs/quickstart")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -74,7 +74,7 @@ def main() -> None:
         model,
         max_rank=args.max_rank,
         modules_to_save=["classifier"],
-        hypergrad=args.hypergrad,
+        **({"hypergrad": args.hypergrad} if args.hypergrad else {}),
         lr=args.lr,
         log_dir=str(out / "logs"),
         seed=args.seed,
@@ -83,10 +83,11 @@ def main() -> None:
     trainer.fit(train_batches, epochs=args.epochs)
     trainer.close()
     search_s = time.perf_counter() - start
-    ranks = trainer.prune()
+    ranks = trainer.prune()  # warns (RankWarning) if the ranks are not distinguishable
+    confidence = trainer.rank_record()["confidence"]
     print(f"\nsearch: {trainer.state.step} steps in {search_s:.0f} s; ranks found (max_rank={args.max_rank}):")
     for name, r in ranks.items():
-        print(f"  {name:45s} {r:3d}  {'#' * r}")
+        print(f"  {name:45s} {r:3d}  {'#' * r:{args.max_rank}s}  confidence {confidence.get(name, 1.0):.2f}")
     counts = trainer.parameter_count()
     print(
         f"adapter parameters: {counts['adapter']:,} (a uniform LoRA r={counts['uniform_rank']} would have "

@@ -12,6 +12,9 @@ is one way to rank its components after the search:
 - ``gate_norm``: ``g_j * ||b_j|| * ||a_j||`` (magnitude-aware), cut at 10% of the module's largest.
 - ``svd``: the singular values of the module's whole update ``s * B diag(g) A``, cut at 10% of
   the largest (rotation-invariant, so it cannot be undone by A and B rescaling each other).
+- ``svd_global``: the same scores (relative to the base weight's RMS singular value), cut at
+  0.25 x the median module's top score.
+- ``library``: ``trainer.ranks()``, autolora's default rule (those scores, cut at 0.1 x).
 
 It also measures the signal-to-noise ratio of the selector hypergradient: at the end of a search,
 the hypergradient of each of ``n_val`` validation batches against their mean
@@ -77,16 +80,23 @@ def planted_data(planted, dim: int, n: int, batch: int, noise: float, data_seed:
 
 
 VARIANTS = {
-    # name: trainer keyword arguments (on top of max_rank, targets and loss)
-    "base": {"hypergrad": "first_order"},  # today's shipped recipe (softmax, selector lr 5e-3)
+    # name: trainer keyword arguments (on top of max_rank, targets and loss); every variant pins
+    # selector_every, so the grid does not move with the library's defaults
+    "base": {"hypergrad": "first_order", "selector_every": 1},  # softmax, selector lr 5e-3
     "base_every4": {"hypergrad": "first_order", "selector_every": 4},
-    "darts": {"hypergrad": "darts"},
-    "unrolled": {"hypergrad": "unrolled"},
-    "slr_5e-2": {"hypergrad": "first_order", "selector_lr": 5e-2},
-    "entropy_1e-2": {"hypergrad": "first_order", "sparsity": 1e-2},
-    "entropy_1e-1": {"hypergrad": "first_order", "sparsity": 1e-1, "selector_lr": 5e-2},
-    "sigmoid": {"hypergrad": "first_order", "gate": "sigmoid"},
-    "sig_l1": {"hypergrad": "first_order", "gate": "sigmoid", "sparsity": 1e-3, "selector_lr": 5e-2},
+    "darts": {"hypergrad": "darts", "selector_every": 1},
+    "unrolled": {"hypergrad": "unrolled", "selector_every": 1},
+    "slr_5e-2": {"hypergrad": "first_order", "selector_lr": 5e-2, "selector_every": 1},
+    "entropy_1e-2": {"hypergrad": "first_order", "sparsity": 1e-2, "selector_every": 1},
+    "entropy_1e-1": {"hypergrad": "first_order", "sparsity": 1e-1, "selector_lr": 5e-2, "selector_every": 1},
+    "sigmoid": {"hypergrad": "first_order", "gate": "sigmoid", "selector_every": 1},
+    "sig_l1": {
+        "hypergrad": "first_order",
+        "gate": "sigmoid",
+        "sparsity": 1e-3,
+        "selector_lr": 5e-2,
+        "selector_every": 1,
+    },
     "sig_l1_e4": {
         "hypergrad": "first_order",
         "gate": "sigmoid",
@@ -94,16 +104,41 @@ VARIANTS = {
         "selector_lr": 5e-2,
         "selector_every": 4,
     },
-    "sig_l1_3e-3": {"hypergrad": "first_order", "gate": "sigmoid", "sparsity": 3e-3, "selector_lr": 5e-2},
-    "sig_l1_1e-2": {"hypergrad": "first_order", "gate": "sigmoid", "sparsity": 1e-2, "selector_lr": 5e-2},
-    "sig_l1_slr1e-1": {"hypergrad": "first_order", "gate": "sigmoid", "sparsity": 1e-3, "selector_lr": 1e-1},
-    "sig_l1_darts": {"hypergrad": "darts", "gate": "sigmoid", "sparsity": 1e-3, "selector_lr": 5e-2},
+    "sig_l1_3e-3": {
+        "hypergrad": "first_order",
+        "gate": "sigmoid",
+        "sparsity": 3e-3,
+        "selector_lr": 5e-2,
+        "selector_every": 1,
+    },
+    "sig_l1_1e-2": {
+        "hypergrad": "first_order",
+        "gate": "sigmoid",
+        "sparsity": 1e-2,
+        "selector_lr": 5e-2,
+        "selector_every": 1,
+    },
+    "sig_l1_slr1e-1": {
+        "hypergrad": "first_order",
+        "gate": "sigmoid",
+        "sparsity": 1e-3,
+        "selector_lr": 1e-1,
+        "selector_every": 1,
+    },
+    "sig_l1_darts": {
+        "hypergrad": "darts",
+        "gate": "sigmoid",
+        "sparsity": 1e-3,
+        "selector_lr": 5e-2,
+        "selector_every": 1,
+    },
     "sig_l1_wd": {
         "hypergrad": "first_order",
         "gate": "sigmoid",
         "sparsity": 1e-3,
         "selector_lr": 5e-2,
         "weight_decay": 0.1,
+        "selector_every": 1,
     },
 }
 
@@ -193,13 +228,18 @@ def run_one(variant: str, seed: int, args) -> dict:
     with torch.no_grad():
         val_loss = float(np.mean([float(mse_loss(model, b)) for b in val]))
     sc = scores(trainer)
+    gate_rule = {  # the paper's rule: gates >= their uniform value (1/r softmax, 0.5 sigmoid), at least 1
+        n: max(1, int((torch.tensor(g) >= (0.5 if a.gate == "sigmoid" else 1 / a.rank) * (1 - 1e-6)).sum()))
+        for (n, g), a in zip(sc["gate"].items(), trainer.adapters.values())
+    }
     ranks = {
-        "gate": trainer.ranks(),
+        "gate": gate_rule,
         "gate_norm": relative_ranks(sc["gate_norm"]),
         "svd": relative_ranks(sc["svd"]),
         "svd_global": global_ranks(sc["svd"]),
+        "library": trainer.ranks(),  # autolora's own default rule (the SVD scores, cut 0.1)
     }
-    sc["svd_global"] = sc["svd"]
+    sc["svd_global"] = sc["library"] = sc["svd"]
     gates = np.array(list(sc["gate"].values()))
     row = {
         "variant": variant,

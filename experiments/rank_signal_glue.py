@@ -25,19 +25,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rank_signal import mean_pairwise
+from rank_signal import VARIANTS, mean_pairwise
 
 RECIPES = {
-    "shipped": {"hypergrad": "first_order", "selector_every": 4},
+    "shipped": {"hypergrad": "first_order", "selector_every": 4},  # the library's default recipe
     "frozen_gates": {"hypergrad": "first_order", "selector_every": 4, "selector_lr": 1e-12},
-    "sig_l1": {"hypergrad": "first_order", "gate": "sigmoid", "sparsity": 1e-3, "selector_lr": 5e-2},
-    "sig_l1_e4": {
-        "hypergrad": "first_order",
-        "gate": "sigmoid",
-        "sparsity": 1e-3,
-        "selector_lr": 5e-2,
-        "selector_every": 4,
-    },
+    "sig_l1": VARIANTS["sig_l1"],  # sigmoid gates + L1, a selector step every step
+    "sig_l1_e4": VARIANTS["sig_l1_e4"],
 }
 TASKS = ("MRPC", "RTE", "CoLA", "STS-B", "SST-2")
 
@@ -116,8 +110,8 @@ def rule_ranks(scores: dict[str, list[float]], rule: str) -> list[int]:
 def summarise(path: str) -> None:
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    rules = ["gate", "global_0.25", "global_0.5", "module_0.1", "module_0.25", "budget_2", "budget_4"]
-    print(f"{'task':6} {'recipe':13} {'n':>2} " + " ".join(f"{r:>12}" for r in rules) + "   mean ranks (global_0.25)")
+    rules = ["gate", "global_0.1", "global_0.25", "module_0.1", "module_0.25", "budget_2", "budget_4"]
+    print(f"{'task':6} {'recipe':13} {'n':>2} " + " ".join(f"{r:>12}" for r in rules) + "   mean ranks (global_0.1)")
     for task, recipe in itertools.product(TASKS, RECIPES):
         sel = [r for r in rows if r["task"] == task and r["recipe"] == recipe]
         if not sel:
@@ -129,7 +123,7 @@ def summarise(path: str) -> None:
             else:
                 vecs = [rule_ranks(r["scores"], rule) for r in sel]
             cells.append(f"{mean_pairwise(vecs):12.2f}")
-        means = [float(np.mean(rule_ranks(r["scores"], "global_0.25"))) for r in sel]
+        means = [float(np.mean(rule_ranks(r["scores"], "global_0.1"))) for r in sel]
         print(f"{task:6} {recipe:13} {len(sel):2} " + " ".join(cells) + "   " + " ".join(f"{m:.1f}" for m in means))
 
 

@@ -93,9 +93,7 @@ def log_summary(
     logger.log_hparams(dict(hparams), final, step)
 
 
-def log_confidence(
-    logger: LoggerBase, step: int, confidence: Mapping[str, float], warning: str | None
-) -> None:
+def log_confidence(logger: LoggerBase, step: int, confidence: Mapping[str, float], warning: str | None) -> None:
     """The pruned plan's confidence: one ``confidence/<module>`` scalar each, their layer x type
     heatmap and table, and the warning when the components were not separated."""
     logger.log_dict({f"confidence/{n}": float(c) for n, c in confidence.items()}, step)

@@ -85,3 +85,35 @@ def test_make_batches_pads_dynamically():
     batches = make_batches(Tok(), ex, batch_size=2)
     assert [b["input_ids"].shape for b in batches] == [(2, 3), (1, 2)]
     assert batches[0]["labels"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("t.tsv", "text\tlabel\ngood\tpos\nfine\nbad\tneg\n", r"t\.tsv:3: expected 2 tab-separated cells"),
+        ("t.csv", "text,label\ngood,pos\nfine\n", r"t\.csv:3: expected 2 comma-separated cells"),
+        ("t.csv", "text,label\ngood,pos\nfine,bad,neg\n", r"t\.csv:3: expected 2 comma-separated cells"),
+        (
+            "t.jsonl",
+            '{"text": "a", "label": "pos"}\n{"text": "b"}\n',
+            r"t\.jsonl:2: no value for column\(s\) \['label'\]",
+        ),
+        ("t.jsonl", '{"text": "a", "label": "pos"}\n[1, 2]\n', r"t\.jsonl:2: each line must be a JSON object"),
+        ("t.jsonl", '{"text": "a", "label": null}\n', r"t\.jsonl:1: no value for column"),
+    ],
+)
+def test_a_short_or_malformed_row_is_an_error_naming_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_table(path, ["text"], "label")
+
+
+def test_non_numeric_regression_labels_and_bad_bytes_name_the_line(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("text,label\ngood,1.5\nbad,x\n")
+    with pytest.raises(DataError, match=r"r\.csv:3: regression labels must be numbers, got 'x'"):
+        read_table(path, ["text"], "label", regression=True)
+    path.write_bytes(b"text,label\n\xff\xfe,1\n")
+    with pytest.raises(DataError, match="is not UTF-8"):
+        read_table(path, ["text"], "label")

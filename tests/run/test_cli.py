@@ -92,3 +92,28 @@ def test_python_dash_m_autolora_runs_the_cli():
 
     result = subprocess.run([sys.executable, "-m", "autolora", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "file_text", "message"),
+    [
+        (["search.max_rank=[1"], None, "the value is not valid YAML"),
+        (["search.max_rank=!!python/object/apply:os.system [echo]"], None, "the value is not valid YAML"),
+        ([], b"- 1\n- 2\n", "must be a mapping of sections, got list"),
+        ([], b"model: {name_or_path: \xff}\n", "is not UTF-8 text"),
+        ([], b"model: !!python/name:os.system x\n", "is not valid plain YAML"),
+        (["data.limit=-1"], None, "data.limit=-1 is invalid"),
+        (["model.device=tpu"], None, "model.device='tpu' is invalid"),
+        (["model.name_or_path=/no/such/model/folder"], None, "is not a folder"),
+    ],
+)
+def test_config_mistakes_are_one_error_line_with_exit_2(tmp_path, capsys, args, file_text, message):
+    config = TINY
+    if file_text is not None:
+        config = tmp_path / "c.yaml"
+        config.write_bytes(file_text)
+    run = tmp_path / "run"
+    assert main(["train", str(config), f"output_dir={run}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autolora train: error: ") and message in err[0], err
+    assert not run.exists()

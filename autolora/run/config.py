@@ -181,8 +181,8 @@ class RetrainSection:
         check_int("retrain.epochs", self.epochs, minimum=1)
         if self.lr is not None:
             check_positive("retrain.lr", self.lr)
-        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio <= 1):
-            raise ConfigError(f"retrain.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1].")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"retrain.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1).")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from autolora.run.text import Examples, evaluate, load_hub, make_batches, read_t
 from autolora.trainer import AutoLoRATrainer
 
 CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
+RETRAINED = f"{CHECKPOINTS}/retrain"  # the retrained adapters, so a rerun skips the retrain
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -175,8 +176,9 @@ def train(cfg: RunConfig) -> dict:
     ranks = trainer.prune(cfg.prune.threshold, cfg.prune.target_rank, min_rank=cfg.prune.min_rank)
     t1 = time.perf_counter()
     if cfg.retrain.enabled:
+        r = cfg.retrain  # a finished retrain of this run is loaded from its checkpoint, not redone
         trainer.retrain(
-            train_batches, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr, warmup_ratio=cfg.retrain.warmup_ratio
+            train_batches, epochs=r.epochs, lr=r.lr, warmup_ratio=r.warmup_ratio, checkpoint_dir=run_dir / RETRAINED
         )
     retrain_s = time.perf_counter() - t1
     trainer.close()

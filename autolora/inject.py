@@ -100,12 +100,19 @@ def resolve_targets(
 
     Raises:
         TargetError: if nothing matches (naming a few real modules), a match is of a type that
-            cannot be adapted, or the model already holds autolora adapters.
+            cannot be adapted, or the model already holds autolora or PEFT adapters.
     """
     if any(isinstance(m, GatedLoRALinear) for m in model.modules()):
         raise TargetError(
             "this model already holds autolora adapters; build the trainer on a fresh model, or keep "
             "using the trainer that injected them."
+        )
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise TargetError(
+            f"this model is already a PEFT model (e.g. {peft_layers[0] or type(model).__name__!r}); autolora "
+            "adapts the base model: pass peft_model.get_base_model() of a fresh model, or "
+            "peft_model.merge_and_unload() to adapt the merged weights."
         )
     if target_modules is None:
         target_modules = default_targets(model)

@@ -23,7 +23,7 @@ from autolora.plan.atomic import atomic_file
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
 from autolora.run.config import RunConfig, build_config, read_yaml, to_dict
-from autolora.run.text import Examples, evaluate, load_hub, make_batches, read_table
+from autolora.run.text import Examples, baseline, degenerate, load_hub, make_batches, predict, read_table, score
 from autolora.trainer import AutoLoRATrainer
 
 CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
@@ -183,12 +183,16 @@ def train(cfg: RunConfig) -> dict:
     retrain_s = time.perf_counter() - t1
     trainer.close()
     trainer.export(run_dir / ADAPTER, overwrite=True)  # a rerun of the same config replaces its export
-    score = evaluate(model, dev_batches, metric)
+    preds, golds = predict(model, dev_batches, metric)
+    dev_score, base = score(preds, golds, metric), baseline(train_ex.labels, dev_ex.labels, metric)
     record = trainer.rank_record()
-    (run_dir / "ranks.json").write_text(json.dumps(record, indent=1))
+    with atomic_file(run_dir / "ranks.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
     metrics = {
         "metric": metric,
-        "dev": score,
+        "dev": dev_score,
+        "baseline": base,
+        "warnings": degenerate(preds, dev_score, base, metric),
         "dev_examples": len(dev_ex),
         "train_examples": len(train_ex),
         "ranks": ranks,
@@ -199,7 +203,8 @@ def train(cfg: RunConfig) -> dict:
         "retrain_seconds": round(retrain_s, 2),
         "device": str(trainer.device),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_file(run_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -57,7 +57,7 @@ def load_hub(
     split: str,
     text_columns: Sequence[str],
     label_column: str,
-    missing: str = "data.hub needs the 'datasets' package; pip install datasets, or give data files.",
+    missing: str = "data.hub needs the optional 'datasets' package: pip install 'autolora[hub]', or give data files.",
 ) -> Examples:
     """A split of a ``datasets`` hub dataset (needs the network and the ``datasets`` package).
 
@@ -191,8 +191,9 @@ def make_batches(
     return batches
 
 
-def evaluate(model, batches, metric: str = "accuracy") -> float:
-    """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
+def predict(model, batches, metric: str = "accuracy") -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, gold labels) of ``model`` (in eval mode, no grad) over ``batches``: class
+    indices, or scores for ``"pearson"``."""
     was_training = model.training
     model.eval()
     preds, golds = [], []
@@ -203,7 +204,11 @@ def evaluate(model, batches, metric: str = "accuracy") -> float:
             preds.append(logits.squeeze(-1) if metric == "pearson" else logits.argmax(-1))
             golds.append(batch["labels"])
     model.train(was_training)
-    p, g = torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
+    return torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
+
+
+def score(p: torch.Tensor, g: torch.Tensor, metric: str = "accuracy") -> float:
+    """The task metric of predictions ``p`` against gold labels ``g``."""
     if metric == "pearson":
         return float(torch.corrcoef(torch.stack([p, g]))[0, 1])
     if metric == "mcc":
@@ -212,3 +217,32 @@ def evaluate(model, batches, metric: str = "accuracy") -> float:
         denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
         return (tp * tn - fp * fn) / denom if denom else 0.0
     return float((p == g).float().mean())
+
+
+def evaluate(model, batches, metric: str = "accuracy") -> float:
+    """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
+    return score(*predict(model, batches, metric), metric)
+
+
+def baseline(train_labels: Sequence, dev_labels: Sequence, metric: str) -> dict:
+    """What predicting without the input scores on the dev labels: the train set's majority class
+    (classification), or the train mean (regression, which has no correlation: 0)."""
+    if metric == "pearson":
+        return {"name": "mean predictor", "dev": 0.0}
+    majority = max(sorted(set(train_labels)), key=list(train_labels).count)
+    g = torch.tensor([float(v) for v in dev_labels])
+    return {"name": f"majority class {majority}", "dev": score(torch.full_like(g, float(majority)), g, metric)}
+
+
+def degenerate(preds: torch.Tensor, dev: float, base: dict, metric: str) -> list[str]:
+    """Warnings for a run a user should not trust: one predicted class (or a constant score), or
+    a dev score that does not beat the baseline."""
+    out = []
+    if metric == "pearson":
+        if len(preds) > 1 and float(preds.std()) < 1e-6:
+            out.append("every dev prediction is the same score: the model learned no signal.")
+    elif len(preds.unique()) == 1:
+        out.append(f"every dev prediction is class {int(preds[0])}: the model ignores its input.")
+    if not dev > base["dev"]:  # also NaN (a constant prediction has no correlation)
+        out.append(f"the dev {metric} {dev:.4f} does not beat the {base['name']} baseline ({base['dev']:.4f}).")
+    return out

@@ -117,3 +117,21 @@ def test_config_mistakes_are_one_error_line_with_exit_2(tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("autolora train: error: ") and message in err[0], err
     assert not run.exists()
+
+
+def test_export_errors_name_the_cli_flags_not_python_arguments(tmp_path, capsys):
+    from autolora.run.cli import _flag_words
+
+    assert _flag_words("pass overwrite=True to replace it") == "pass --overwrite to replace it"
+    assert (
+        _flag_words("target_rank=9 is invalid; prune.threshold=2 too")
+        == "--target-rank 9 is invalid; prune.threshold=2 too"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "data": {"task": "MRPC"}}))
+    (run / "out").mkdir()
+    (run / "out" / "f").write_text("x")
+    assert main(["export", str(run), "--out", str(run / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err and "overwrite=True" not in err

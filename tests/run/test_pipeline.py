@@ -108,3 +108,15 @@ def test_a_missing_model_folder_and_a_tagged_saved_config_are_config_errors(tmp_
     (tmp_path / "config.yaml").write_text("model: !!python/object/apply:os.system [echo]\n")
     with pytest.raises(ConfigError, match="not valid plain YAML"):
         pipeline.export(tmp_path, None)
+
+
+def test_a_rerun_skips_the_retrain_and_the_metrics_carry_the_baseline(tmp_path, tiny_model, monkeypatch):
+    import autolora.trainer
+
+    cfg = _config(tmp_path, tiny_model, retrain={"epochs": 1})
+    first = pipeline.train(cfg)
+    assert first["baseline"]["name"].startswith("majority class") and isinstance(first["warnings"], list)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"] == first["baseline"]
+    monkeypatch.setattr(autolora.trainer, "retrain_loop", lambda *a, **k: pytest.fail("retrained again"))
+    again = pipeline.train(cfg)
+    assert again["dev"] == first["dev"] and again["ranks"] == first["ranks"]

@@ -96,7 +96,7 @@ def load_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
         return read_tsv(Path(data_dir) / task / f"{split}.tsv", task)
     name, fields = task_spec(task).hub
     missing = (
-        "no data_dir given and the 'datasets' package is missing; pip install datasets, "
-        "or pass data_dir pointing at the GLUE TSV files."
+        "no data_dir given, and loading GLUE from the hub needs the optional 'datasets' package: "
+        "pip install 'autolora[hub]', or pass data_dir (data.path) pointing at the GLUE TSV files."
     )
     return load_hub("nyu-mll/glue", name, "validation" if split == "dev" else split, fields, "label", missing)

@@ -25,7 +25,7 @@ def test_train_export_report_end_to_end(tmp_path, capsys):
         assert (run / name).is_file(), name
     assert list((run / "logs").glob("events.out.tfevents.*"))
     assert (run / "adapter" / "adapter_config.json").is_file()
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["retrain", "step-00000002"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["search_steps"] == 2 and metrics["dev_examples"] == 408
     assert yaml.safe_load((run / "config.yaml").read_text())["fit"]["max_steps"] == 2

@@ -13,8 +13,10 @@ from autolora.errors import (
     ExportError,
     NonFiniteError,
     RankWarning,
+    RunWarning,
     StateError,
     TargetError,
+    WriteError,
 )
 from autolora.layers import GatedLoRALinear
 from autolora.logging import JsonlLogger, Logger, NullLogger, TensorBoardLogger
@@ -49,10 +51,12 @@ __all__ = [
     "NullLogger",
     "PrunePlan",
     "RankWarning",
+    "RunWarning",
     "SearchConfig",
     "StateError",
     "TargetError",
     "TensorBoardLogger",
+    "WriteError",
     "__version__",
     "evaluate",
     "linear_warmup",

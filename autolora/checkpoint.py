@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -42,6 +43,7 @@ MANIFEST = "checkpoint.json"
 TENSORS = "adapter.safetensors"
 STATE = "state.pt"
 PREFIX = "step-"
+STATE_KEYS = {"trainer", "call_start", "weight_optimizer", "selector_optimizer", "rng"}
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,10 @@ def save(
 ) -> Path:
     """Write checkpoint ``step`` into ``directory`` atomically and keep the newest ``keep``."""
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     # an existing step-N (the same step saved again, e.g. the end of a call after a periodic
-    # save) is replaced
+    # save) is replaced; atomic_dir creates the folder, removes temp folders of killed writers
+    # and turns a file-system fault into one WriteError naming the path
     with atomic_dir(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         torch.save(state, tmp / STATE)
@@ -120,6 +122,8 @@ def complete(directory: str | os.PathLike) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         return []
+    if (root / MANIFEST).is_file():  # a step folder itself
+        return [root]
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
@@ -128,7 +132,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     """Load and verify one checkpoint folder.
 
     Raises:
-        StateError: if a file is missing, truncated or altered (hash mismatch), or unreadable.
+        StateError: if a file is missing, truncated or altered (hash mismatch), unreadable (also
+            by ``torch.load(weights_only=True)``), or ``state.pt`` lacks a key.
     """
     path = Path(path)
     try:
@@ -138,9 +143,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
                 raise StateError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256.")
         tensors = load_file(str(path / TENSORS), device=str(map_location))
         state = torch.load(path / STATE, map_location=map_location, weights_only=True)
+        missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else sorted(STATE_KEYS)
+        if missing:
+            raise StateError(f"checkpoint {path} is incomplete: {STATE} lacks {missing}.")
+        TrainerState(**state["trainer"])  # the counters must fit this version's fields
     except StateError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
         raise StateError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}).") from None
     return Checkpoint(int(manifest["step"]), tensors, state, manifest["fingerprint"], path)
 
@@ -201,13 +210,23 @@ def capture(search: Search, call_start: tuple[int, int]) -> tuple[dict[str, torc
     return _named(search), state
 
 
-def restore(search: Search, adapter_config: AdapterConfig, saved: Checkpoint) -> tuple[int, int]:
+def retrain_fingerprint(search: Search, adapter_config: AdapterConfig, args: dict) -> dict:
+    """The fingerprint of a retrain: the model, configs and planned shapes, and its arguments."""
+    return json.loads(json.dumps({**fingerprint(search, adapter_config), "retrain": args}, default=str))
+
+
+def restore(
+    search: Search, adapter_config: AdapterConfig, saved: Checkpoint, expected: dict | None = None
+) -> tuple[int, int]:
     """Load a verified checkpoint into ``search``; returns its fit call's (step, epoch).
+
+    ``expected``: the fingerprint it must have (default: :func:`fingerprint` of ``search``).
 
     Raises:
         StateError: if the checkpoint is from another model or config.
     """
-    check_fingerprint(saved.fingerprint, fingerprint(search, adapter_config), saved.path)
+    expected = fingerprint(search, adapter_config) if expected is None else expected
+    check_fingerprint(saved.fingerprint, expected, saved.path)
     named = _named(search)
     if set(named) != set(saved.tensors):
         raise StateError(f"checkpoint {saved.path} holds other tensors than this trainer's adapters.")

@@ -29,6 +29,68 @@ def check_nonempty(data: Iterable, what: str) -> None:
         raise DataError(f"{what} is empty; give at least one batch.")
 
 
+def _first_dim(batch: Mapping) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "attention_mask"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def check_labels(model: object, batch: object, what: str) -> None:
+    """Raise a ``DataError`` naming the problem if a batch's ``labels`` do not fit the model:
+    a count other than the batch's, and for a Hugging Face sequence classifier the dtype (floats
+    would switch it to multi-label), the shape and the range of the classes."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("labels"), torch.Tensor):
+        return
+    labels, rows = batch["labels"], _first_dim(batch)
+    if rows is not None and (labels.dim() == 0 or labels.shape[0] != rows):
+        got = "a single value" if labels.dim() == 0 else f"{labels.shape[0]} labels"
+        raise DataError(f"{what}: a batch of {rows} examples has {got}; give one label per example.")
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return
+    n, kind = int(config.num_labels), getattr(config, "problem_type", None)
+    if kind == "multi_label_classification":
+        if not labels.is_floating_point() or labels.dim() != 2 or labels.shape[1] != n:
+            raise DataError(f"{what}: multi-label targets must be floats shaped (batch, {n}), got {_desc(labels)}.")
+    elif n == 1 or kind == "regression":
+        if not labels.is_floating_point():
+            raise DataError(
+                f"{what}: the model has one output (regression) but labels are {_desc(labels)}; give floats."
+            )
+    else:
+        if labels.is_floating_point():
+            raise DataError(
+                f"{what}: labels are {_desc(labels)}, but the model classifies into {n} classes: floats would make "
+                "Hugging Face train it as multi-label. Give class indices as torch.long."
+            )
+        if labels.dim() != 1:
+            raise DataError(f"{what}: class labels must be shaped (batch,), got {_desc(labels)}.")
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= n))]
+        if bad.numel():
+            raise DataError(
+                f"{what}: label {int(bad[0])} is out of range; the model has {n} classes (0 to {n - 1}). "
+                "Build the model with num_labels= the number of classes, or fix the labels."
+            )
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} shaped {tuple(t.shape)}"
+
+
+def check_label_batches(model: object, data: Iterable, what: str) -> None:
+    """:func:`check_labels` on every batch of a list or tuple, and on the first of other data
+    (a DataLoader is not iterated twice)."""
+    if isinstance(data, (list, tuple)):
+        for i, batch in enumerate(data):
+            check_labels(model, batch, f"{what}[{i}]")
+    else:
+        for batch in data:
+            check_labels(model, batch, f"{what} (first batch)")
+            break
+
+
 def split_batches(batches: list, fraction: float, seed: int) -> tuple[list, list]:
     """Seeded split of a list of batches: floor(fraction * n) (at least 1) become validation.
 

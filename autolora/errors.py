@@ -44,6 +44,15 @@ class ExportError(AutoLoRAError):
     """An export or load path cannot be used."""
 
 
+class WriteError(AutoLoRAError):
+    """A file or folder cannot be written: a read-only or full disk, or a file in the way."""
+
+
+class RunWarning(UserWarning):
+    """A run finished but its result should not be trusted as it stands (e.g. the classifier head
+    is not trained, or the dev score does not beat predicting the majority class)."""
+
+
 class RankWarning(UserWarning):
     """The search did not separate components: the plan is no better supported than any other
     allocation of its size (``ranks.json`` and the report say how sure each rank is)."""

@@ -100,12 +100,19 @@ def resolve_targets(
 
     Raises:
         TargetError: if nothing matches (naming a few real modules), a match is of a type that
-            cannot be adapted, or the model already holds autolora adapters.
+            cannot be adapted, or the model already holds autolora or PEFT adapters.
     """
     if any(isinstance(m, GatedLoRALinear) for m in model.modules()):
         raise TargetError(
             "this model already holds autolora adapters; build the trainer on a fresh model, or keep "
             "using the trainer that injected them."
+        )
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise TargetError(
+            f"this model is already a PEFT model (e.g. {peft_layers[0] or type(model).__name__!r}); autolora "
+            "adapts the base model: pass peft_model.get_base_model() of a fresh model, or "
+            "peft_model.merge_and_unload() to adapt the merged weights."
         )
     if target_modules is None:
         target_modules = default_targets(model)
@@ -247,4 +254,27 @@ def inject_gated(
 
     adapters = inject_adapters(model, names, make)
     freeze_base(model, adapters, modules_to_save)
+    _warn_untrained_head(model, adapters, modules_to_save)
     return adapters, modules_to_save
+
+
+HEAD_NAMES = ("classifier", "score")  # a Hugging Face sequence classifier's freshly initialised head
+
+
+def _warn_untrained_head(model: nn.Module, adapters: dict, modules_to_save: Sequence[str]) -> None:
+    """Warn when a classification model's head stays random: neither saved nor adapted."""
+    import warnings
+
+    from autolora.errors import RunWarning
+
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return
+    heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES]
+    trained = [h for h in heads if _inside(h, modules_to_save) or any(_inside(a, [h]) for a in adapters)]
+    if heads and not trained:
+        warnings.warn(
+            f"the classification head {heads[0]!r} is neither in modules_to_save nor adapted, so it stays at its "
+            f"random init and is not exported; pass modules_to_save=[{heads[0].split('.')[-1]!r}].",
+            RunWarning,
+            stacklevel=4,
+        )

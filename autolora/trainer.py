@@ -19,7 +19,7 @@ from torch import nn
 import autolora.checkpoint as checkpoint
 from autolora.adapted import AdaptedModel
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
-from autolora.data import Cycle, fit_data, retrain_batches
+from autolora.data import Cycle, check_label_batches, fit_data, retrain_batches
 from autolora.distributed import DistContext, init_distributed, launched
 from autolora.errors import ConfigError, StateError
 from autolora.logging import LoggerBase, dashboard
@@ -27,7 +27,7 @@ from autolora.search.bilevel import LossFn, default_loss
 from autolora.search.guard import Guard
 from autolora.search.hypergrad import check_capabilities, get_engine
 from autolora.search.loop import Budget, check_fit_args, fit_loop
-from autolora.search.retrain import restart, retrain_loop
+from autolora.search.retrain import check_retrain_args, restart, retrain_loop
 from autolora.search.step import Search, build_search, hypergradient, settle, take_step
 from autolora.state import FP16_INIT_SCALE, TrainerState
 
@@ -196,6 +196,8 @@ class AutoLoRATrainer(AdaptedModel):
         check_fit_args(epochs, max_steps, checkpoint_every, keep_checkpoints, resume, checkpoint_dir)
         s = self.search_config
         train_data, val_data = fit_data(train_data, val_data, s.val_fraction, s.seed)
+        check_label_batches(self.model, train_data, "train_data")
+        check_label_batches(self.model, val_data, "val_data")
         self._init_distributed(train_data, val_data)
         start = (self.state.step, self.state.epoch)
         if resume:
@@ -294,7 +296,8 @@ class AutoLoRATrainer(AdaptedModel):
         return path
 
     def load_checkpoint(self, directory: str | os.PathLike) -> Path:
-        """Load the newest good checkpoint in ``directory`` (adapters, optimisers, counters, RNG).
+        """Load the newest good checkpoint in ``directory``, or the step folder ``directory``
+        (adapters, optimisers, counters, RNG).
 
         Raises:
             StateError: if there is none, or it is from another model or config.
@@ -302,7 +305,10 @@ class AutoLoRATrainer(AdaptedModel):
         self._check_searchable("load_checkpoint()")
         saved = checkpoint.latest(directory, map_location=self.device)
         if saved is None:
-            raise StateError(f"no complete checkpoint in {str(directory)!r}; fit(..., checkpoint_dir=...) writes them.")
+            raise StateError(
+                f"no complete checkpoint in {str(directory)!r} (a checkpoint folder holding step-<N> folders, "
+                "or one step-<N> folder); fit(..., checkpoint_dir=...) writes them."
+            )
         checkpoint.restore(self.search, self.adapter_config, saved)
         return saved.path
 
@@ -341,6 +347,8 @@ class AutoLoRATrainer(AdaptedModel):
         lr: float | None = None,
         max_steps: int | None = None,
         warmup_ratio: float = 0.06,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> AutoLoRATrainer:
         """Train fresh LoRA adapters at the found ranks, as the paper does after its search.
 
@@ -355,21 +363,31 @@ class AutoLoRATrainer(AdaptedModel):
             epochs: Passes over the data.
             lr: AdamW learning rate (default: the search's ``lr``).
             max_steps: Stop early after this many steps.
-            warmup_ratio: Fraction of the steps spent warming the learning rate up.
+            warmup_ratio: Fraction of the steps spent warming the learning rate up, in [0, 1).
+            checkpoint_dir: Write the retrained adapters there (atomically) when done; a later
+                call with the same model, plan and arguments loads them instead of retraining
+                (the data is not compared: give the same batches).
 
         Raises:
-            AutoLoRAError: before ``prune()``, or for empty or one-shot data.
+            AutoLoRAError: before ``prune()``, for a bad argument, or for empty or one-shot data.
         """
         if self.plan is None:
             raise StateError("retrain() trains at the found ranks: call prune() first to fix them.")
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs={epochs!r} is invalid; it must be an integer >= 1.")
+        check_retrain_args(epochs, lr, max_steps, warmup_ratio)
         batches, s = retrain_batches(train_data, val_data), self.search_config
+        check_label_batches(self.model, batches, "retrain data")
         restart(self.model, self.adapters, self._saved_init, self.adapter_config.lora_alpha, s.seed + 1)
         self.search = self._build_search()
         total = len(batches) * epochs if max_steps is None else min(max_steps, len(batches) * epochs)
-        logger, bar = self._get_logger(), self._progress(total)
         lr = s.lr if lr is None else lr
+        args = {"epochs": epochs, "lr": lr, "max_steps": max_steps, "warmup_ratio": warmup_ratio, "steps": total}
+        record = checkpoint.retrain_fingerprint(self.search, self.adapter_config, args)
+        done = checkpoint.latest(checkpoint_dir, map_location=self.device) if checkpoint_dir is not None else None
+        if done is not None and done.fingerprint == record:  # this retrain has been run: load it
+            checkpoint.restore(self.search, self.adapter_config, done, expected=record)
+            self.retrained = True
+            return self
+        logger, bar = self._get_logger(), self._progress(total)
         log_every = self.logging_config.log_every
         try:
             retrain_loop(self.search, batches, total=total, warmup=int(warmup_ratio * total), lr=lr, seed=s.seed,
@@ -378,4 +396,7 @@ class AutoLoRATrainer(AdaptedModel):
             if bar is not None:
                 bar.close()
         self.retrained = True
+        if checkpoint_dir is not None and self.is_main_process:
+            tensors, state = checkpoint.capture(self.search, (self.state.step, self.state.epoch))
+            checkpoint.save(checkpoint_dir, total, tensors, state, record, keep=1)
         return self

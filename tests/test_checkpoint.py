@@ -171,3 +171,56 @@ def test_checkpoint_arguments_are_checked(tmp_path):
         _trainer().fit(mlp_batches(4), resume=True)
     with pytest.raises(ConfigError, match="checkpoint_every=0"):
         _trainer().fit(mlp_batches(4), checkpoint_dir=tmp_path, checkpoint_every=0)
+
+
+class _Unsafe:
+    """Not loadable with torch.load(weights_only=True)."""
+
+
+def _rewrite_state(step_dir, state):
+    import hashlib
+    import json
+
+    torch.save(state, step_dir / "state.pt")
+    manifest = json.loads((step_dir / "checkpoint.json").read_text())
+    manifest["sha256"]["state.pt"] = hashlib.sha256((step_dir / "state.pt").read_bytes()).hexdigest()
+    (step_dir / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(lambda s: {"evil": _Unsafe()}, "cannot be read"), (lambda s: {k: s[k] for k in s if k != "rng"}, "lacks")],
+)
+def test_an_unpicklable_or_incomplete_state_falls_back_to_the_previous_checkpoint(tmp_path, bad, message):
+    t = _trainer()
+    t.fit(mlp_batches(8), epochs=1, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=3)
+    newest = complete(tmp_path)[-1]
+    _rewrite_state(newest, bad(torch.load(newest / "state.pt", weights_only=True)))
+    fresh = _trainer()
+    with pytest.warns(UserWarning, match=message):
+        fresh.fit(mlp_batches(8), epochs=1, checkpoint_dir=tmp_path, resume=True)
+    assert fresh.state.step == t.state.step  # resumed from the previous one and finished the call
+
+
+def test_a_step_folder_loads_and_a_file_as_checkpoint_dir_is_refused(tmp_path):
+    t = _trainer()
+    t.fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path / "ck", checkpoint_every=1, keep_checkpoints=3)
+    first = complete(tmp_path / "ck")[0]
+    other = _trainer()
+    assert other.load_checkpoint(first) == first and other.state.step == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        _trainer().fit(mlp_batches(4), checkpoint_dir=tmp_path / "file")
+
+
+def test_a_checkpoint_write_that_fails_is_one_error_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    from autolora import WriteError
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    t = _trainer()
+    monkeypatch.setattr("autolora.checkpoint.save_file", full)
+    with pytest.raises(WriteError, match=r"step-00000003.*No space left on device"):
+        t.fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

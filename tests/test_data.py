@@ -52,3 +52,36 @@ def test_fit_and_retrain_data():
     with pytest.raises(DataError, match="val_data is empty"):
         fit_data([1, 2], [], 0.3, 0)
     assert retrain_batches([1, 2], [3]) == [1, 2, 3] and retrain_batches([1], None) == [1]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (lambda: torch.tensor([0, 1, 2, 1]), r"label 2 is out of range; the model has 2 classes"),
+        (lambda: torch.tensor([0.0, 1.0, 1.0, 0.0]), "floats would make Hugging Face train it as multi-label"),
+        (lambda: torch.tensor([[0], [1], [1], [0]]), r"class labels must be shaped \(batch,\)"),
+        (lambda: torch.tensor([0, 1, 1]), "a batch of 4 examples has 3 labels"),
+        (lambda: torch.tensor(1), "has a single value"),
+    ],
+)
+def test_labels_that_do_not_fit_the_model_are_named_before_the_first_forward(labels, message, monkeypatch):
+    from autolora import AutoLoRATrainer, DataError
+    from tests.conftest import bert, token_batches
+
+    batches = token_batches(3)
+    batches[1]["labels"] = labels()
+    t = AutoLoRATrainer(bert(), max_rank=2, modules_to_save=["classifier"])
+    monkeypatch.setattr(t.model, "forward", lambda *a, **k: pytest.fail("a forward ran"))
+    with pytest.raises(DataError, match=message):
+        t.fit(batches, val_data=token_batches(1))
+
+
+def test_regression_labels_must_be_floats():
+    from autolora import DataError
+    from autolora.data import check_labels
+    from tests.conftest import bert, token_batches
+
+    batch = token_batches(1)[0]
+    with pytest.raises(DataError, match="one output"):
+        check_labels(bert(num_labels=1), batch, "train_data")
+    check_labels(bert(num_labels=1), {**batch, "labels": batch["labels"].float()}, "train_data")

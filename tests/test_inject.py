@@ -88,3 +88,23 @@ def test_float64_model_gets_float64_adapters():
     t = AutoLoRATrainer(MLP(dtype=torch.float64), max_rank=2, target_modules=["fc1"], loss_fn=mlp_loss)
     assert t.adapters["fc1"].lora_A.dtype == torch.float64
     assert isinstance(t.model.fc1.base_layer, nn.Linear)
+
+
+def test_a_peft_model_is_refused_with_how_to_get_its_base():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(bert(), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TargetError, match=r"already a PEFT model.*get_base_model\(\)"):
+        AutoLoRATrainer(peft_model, max_rank=2)
+
+
+def test_a_classifier_whose_head_stays_random_gets_a_warning():
+    import warnings
+
+    from autolora import RunWarning
+
+    with pytest.warns(RunWarning, match=r"head 'classifier' is neither in modules_to_save nor adapted"):
+        AutoLoRATrainer(bert(), max_rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunWarning)
+        AutoLoRATrainer(bert(), max_rank=2, modules_to_save=["classifier"])

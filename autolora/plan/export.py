@@ -23,7 +23,7 @@ from torch import nn
 from autolora.errors import ExportError
 from autolora.inject import replace_module
 from autolora.layers import GatedLoRALinear
-from autolora.plan.atomic import atomic_dir
+from autolora.plan.atomic import atomic_dir, recover
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -97,6 +97,7 @@ def adapter_files(
 def check_target_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a file, or a non-empty folder unless ``overwrite``; nothing is touched."""
     path = Path(path)
+    recover(path)  # an earlier export killed mid-replacement is put back first
     if path.exists() and not path.is_dir():
         raise ExportError(f"export path {str(path)!r} is a file; give a folder path.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:

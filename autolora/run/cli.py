@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the Python arguments `autolora export` passes its flags to, as the flags are spelt
+_FLAGS = {"overwrite=True": "--overwrite", "target_rank=": "--target-rank ", "threshold=": "--threshold "}
+
+
+def _flag_words(message: str) -> str:
+    for python, flag in _FLAGS.items():
+        message = re.sub(rf"(?<![\w.]){re.escape(python)}", flag, message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -47,17 +58,24 @@ def main(argv: list[str] | None = None) -> int:
             report = write_report(cfg.output_dir)
             print(json.dumps(metrics, indent=1))
             print(f"run folder: {cfg.output_dir} (report: {report})")
+            print(f"dev {metrics['metric']}: {metrics['dev']:.4f} ({metrics['baseline']['name']}: "
+                  f"{metrics['baseline']['dev']:.4f})")  # fmt: skip
+            for warning in metrics["warnings"]:
+                print(f"autolora train: warning: {warning}", file=sys.stderr)
         elif args.command == "export":
             from autolora.run import pipeline
 
-            out = pipeline.export(
-                args.run_dir,
-                args.out,
-                overwrite=args.overwrite,
-                merged=args.merged,
-                threshold=args.threshold,
-                target_rank=args.target_rank,
-            )
+            try:
+                out = pipeline.export(
+                    args.run_dir,
+                    args.out,
+                    overwrite=args.overwrite,
+                    merged=args.merged,
+                    threshold=args.threshold,
+                    target_rank=args.target_rank,
+                )
+            except AutoLoRAError as e:
+                raise type(e)(_flag_words(str(e))) from None
             print(f"exported to {out}")
         else:
             from autolora.run.report import write_report

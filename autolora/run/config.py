@@ -12,6 +12,7 @@ key. ``key.sub=value`` overrides on the command line are parsed with ``yaml.safe
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -67,7 +68,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         _check_str("model.name_or_path", self.name_or_path)
         check_int("model.max_length", self.max_length, minimum=1)
-        if not (isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda"))):
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
             raise ConfigError(f"model.device={self.device!r} is invalid; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'.")
 
 
@@ -180,8 +181,8 @@ class RetrainSection:
         check_int("retrain.epochs", self.epochs, minimum=1)
         if self.lr is not None:
             check_positive("retrain.lr", self.lr)
-        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio <= 1):
-            raise ConfigError(f"retrain.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1].")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"retrain.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1).")
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,13 @@ def _build(cls: type, values: dict, section: str, *, skip: set[str] = frozenset(
     return cls(**kwargs)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line:column) (YAML's own message spans lines)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["search.max_rank=16", "fit.epochs=2"]`` -> nested dict (values via ``yaml.safe_load``)."""
     nested: dict = {}
@@ -300,7 +308,12 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}.")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it, e.g. key='value'."
+            ) from None
     return nested
 
 
@@ -341,15 +354,26 @@ def build_config(raw: dict) -> RunConfig:
     )
 
 
+def read_yaml(path: Path) -> object:
+    """``yaml.safe_load`` of a file; bad bytes, bad YAML and YAML tags are a ``ConfigError``."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    except yaml.YAMLError as e:  # a parse error, or a tag such as !!python/object (never constructed)
+        raise ConfigError(f"{path} is not valid plain YAML ({_yaml_problem(e)}).") from None
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror or e}).") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
     """Read a YAML run config (``yaml.safe_load``), apply overrides; returns (config, raw dict)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file {str(path)!r}.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping of sections, got {type(raw).__name__}.")
     raw = _merge(raw, parse_overrides(overrides or []))
     return build_config(raw), raw
 

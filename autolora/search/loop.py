@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,5 +102,7 @@ def check_fit_args(epochs, max_steps, checkpoint_every, keep_checkpoints, resume
         raise ConfigError(f"checkpoint_every={checkpoint_every!r} is invalid; it must be an integer >= 1.")
     if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints={keep_checkpoints!r} is invalid; it must be an integer >= 1.")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ConfigError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file; give a folder path.")
     if (resume or checkpoint_every) and checkpoint_dir is None:
         raise ConfigError("resume=True and checkpoint_every need checkpoint_dir=<folder> to know where to look.")

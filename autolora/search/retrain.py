@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from autolora.config import check_int, check_positive
+from autolora.errors import ConfigError
 from autolora.layers import GatedLoRALinear
 from autolora.logging.base import LoggerBase
 from autolora.search.step import Search, apply, check, gradients, settle
@@ -22,6 +24,18 @@ def linear_warmup(total: int, warmup: int) -> Callable[[int], float]:
         return max(0.0, (total - i) / max(1, total - warmup))
 
     return factor
+
+
+def check_retrain_args(epochs: object, lr: object, max_steps: object, warmup_ratio: object) -> None:
+    """Raise a ``ConfigError`` for a bad argument of ``retrain``, naming it (as ``fit`` does)."""
+    check_int("epochs", epochs, minimum=1)
+    if lr is not None:
+        check_positive("lr", lr)  # a negative lr would be gradient ascent, NaN poisons every weight
+    if max_steps is not None:
+        check_int("max_steps", max_steps, minimum=1)
+    ok = isinstance(warmup_ratio, (int, float)) and not isinstance(warmup_ratio, bool)
+    if not (ok and 0 <= warmup_ratio < 1):
+        raise ConfigError(f"warmup_ratio={warmup_ratio!r} is invalid; it must be a number in [0, 1).")
 
 
 def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ def test_train_export_report_end_to_end(tmp_path, capsys):
         assert (run / name).is_file(), name
     assert list((run / "logs").glob("events.out.tfevents.*"))
     assert (run / "adapter" / "adapter_config.json").is_file()
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["retrain", "step-00000002"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["search_steps"] == 2 and metrics["dev_examples"] == 408
     assert yaml.safe_load((run / "config.yaml").read_text())["fit"]["max_steps"] == 2
@@ -92,3 +92,46 @@ def test_python_dash_m_autolora_runs_the_cli():
 
     result = subprocess.run([sys.executable, "-m", "autolora", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "file_text", "message"),
+    [
+        (["search.max_rank=[1"], None, "the value is not valid YAML"),
+        (["search.max_rank=!!python/object/apply:os.system [echo]"], None, "the value is not valid YAML"),
+        ([], b"- 1\n- 2\n", "must be a mapping of sections, got list"),
+        ([], b"model: {name_or_path: \xff}\n", "is not UTF-8 text"),
+        ([], b"model: !!python/name:os.system x\n", "is not valid plain YAML"),
+        (["data.limit=-1"], None, "data.limit=-1 is invalid"),
+        (["model.device=tpu"], None, "model.device='tpu' is invalid"),
+        (["model.name_or_path=/no/such/model/folder"], None, "is not a folder"),
+    ],
+)
+def test_config_mistakes_are_one_error_line_with_exit_2(tmp_path, capsys, args, file_text, message):
+    config = TINY
+    if file_text is not None:
+        config = tmp_path / "c.yaml"
+        config.write_bytes(file_text)
+    run = tmp_path / "run"
+    assert main(["train", str(config), f"output_dir={run}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autolora train: error: ") and message in err[0], err
+    assert not run.exists()
+
+
+def test_export_errors_name_the_cli_flags_not_python_arguments(tmp_path, capsys):
+    from autolora.run.cli import _flag_words
+
+    assert _flag_words("pass overwrite=True to replace it") == "pass --overwrite to replace it"
+    assert (
+        _flag_words("target_rank=9 is invalid; prune.threshold=2 too")
+        == "--target-rank 9 is invalid; prune.threshold=2 too"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "data": {"task": "MRPC"}}))
+    (run / "out").mkdir()
+    (run / "out" / "f").write_text("x")
+    assert main(["export", str(run), "--out", str(run / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err and "overwrite=True" not in err

@@ -51,3 +51,14 @@ def test_bad_files(tmp_path):
         read_tsv(tmp_path / "bad.tsv", "SST-2")
     with pytest.raises(DataError, match="unknown GLUE task"):
         read_tsv(tmp_path / "bad.tsv", "SST-3")
+
+
+def test_a_short_row_or_a_bad_score_names_the_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\n0\t3\t4\tc\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:3: expected at least 5 tab-separated columns, got 4"):
+        read_tsv(path, "MRPC")
+    header = "\t".join(f"c{i}" for i in range(10))
+    path.write_text(header + "\n" + "\t".join(["x"] * 9 + ["high"]) + "\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:2: label 'high' is not a number"):
+        read_tsv(path, "STS-B")

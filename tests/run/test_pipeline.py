@@ -85,3 +85,38 @@ def test_bad_inputs_fail_before_the_run_folder(tmp_path, tiny_model):
         pipeline.resolve_model_path("package:no_such_autolora_model")
     with pytest.raises(DataError, match=r"no config\.yaml"):
         pipeline.export(tmp_path, None)
+
+
+def test_a_non_empty_folder_that_is_not_a_run_folder_is_refused_untouched(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "mine.bin").write_bytes(b"user data")
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not an autolora run folder"):
+        pipeline.train(cfg)
+    assert sorted(p.name for p in run.rglob("*")) == ["adapter", "metrics.json", "mine.bin"]
+    assert (run / "metrics.json").read_text() == "{}"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        pipeline.prepare_run_dir(tmp_path / "file", {"a": 1})
+
+
+def test_a_missing_model_folder_and_a_tagged_saved_config_are_config_errors(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="is not a folder"):
+        pipeline.resolve_model_path(str(tmp_path / "no-model"))
+    (tmp_path / "config.yaml").write_text("model: !!python/object/apply:os.system [echo]\n")
+    with pytest.raises(ConfigError, match="not valid plain YAML"):
+        pipeline.export(tmp_path, None)
+
+
+def test_a_rerun_skips_the_retrain_and_the_metrics_carry_the_baseline(tmp_path, tiny_model, monkeypatch):
+    import autolora.trainer
+
+    cfg = _config(tmp_path, tiny_model, retrain={"epochs": 1})
+    first = pipeline.train(cfg)
+    assert first["baseline"]["name"].startswith("majority class") and isinstance(first["warnings"], list)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"] == first["baseline"]
+    monkeypatch.setattr(autolora.trainer, "retrain_loop", lambda *a, **k: pytest.fail("retrained again"))
+    again = pipeline.train(cfg)
+    assert again["dev"] == first["dev"] and again["ranks"] == first["ranks"]

@@ -85,3 +85,63 @@ def test_make_batches_pads_dynamically():
     batches = make_batches(Tok(), ex, batch_size=2)
     assert [b["input_ids"].shape for b in batches] == [(2, 3), (1, 2)]
     assert batches[0]["labels"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("t.tsv", "text\tlabel\ngood\tpos\nfine\nbad\tneg\n", r"t\.tsv:3: expected 2 tab-separated cells"),
+        ("t.csv", "text,label\ngood,pos\nfine\n", r"t\.csv:3: expected 2 comma-separated cells"),
+        ("t.csv", "text,label\ngood,pos\nfine,bad,neg\n", r"t\.csv:3: expected 2 comma-separated cells"),
+        (
+            "t.jsonl",
+            '{"text": "a", "label": "pos"}\n{"text": "b"}\n',
+            r"t\.jsonl:2: no value for column\(s\) \['label'\]",
+        ),
+        ("t.jsonl", '{"text": "a", "label": "pos"}\n[1, 2]\n', r"t\.jsonl:2: each line must be a JSON object"),
+        ("t.jsonl", '{"text": "a", "label": null}\n', r"t\.jsonl:1: no value for column"),
+    ],
+)
+def test_a_short_or_malformed_row_is_an_error_naming_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_table(path, ["text"], "label")
+
+
+def test_non_numeric_regression_labels_and_bad_bytes_name_the_line(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("text,label\ngood,1.5\nbad,x\n")
+    with pytest.raises(DataError, match=r"r\.csv:3: regression labels must be numbers, got 'x'"):
+        read_table(path, ["text"], "label", regression=True)
+    path.write_bytes(b"text,label\n\xff\xfe,1\n")
+    with pytest.raises(DataError, match="is not UTF-8"):
+        read_table(path, ["text"], "label")
+
+
+def test_a_run_that_does_not_beat_the_majority_class_is_flagged():
+    from autolora.run.text import baseline, degenerate
+
+    base = baseline([1, 1, 0, 1], [1, 0, 1, 1], "accuracy")
+    assert base == {"name": "majority class 1", "dev": 0.75}
+    all_ones = torch.ones(4)
+    warnings = degenerate(all_ones, 0.75, base, "accuracy")
+    assert any("every dev prediction is class 1" in w for w in warnings)
+    assert any("does not beat the majority class 1 baseline (0.7500)" in w for w in warnings)
+    assert degenerate(torch.tensor([1.0, 0.0, 1.0, 1.0]), 1.0, base, "accuracy") == []
+    assert baseline([0, 1, 1], [0, 1], "mcc")["dev"] == 0.0
+    flat = degenerate(torch.full((3,), 2.0), float("nan"), baseline([1.0, 2.0], [1.0, 3.0], "pearson"), "pearson")
+    assert len(flat) == 2 and "mean predictor" in flat[1]
+
+
+def test_the_hub_path_without_datasets_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from autolora.run.glue import load_glue
+    from autolora.run.text import load_hub
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"pip install 'autolora\[hub\]'"):
+        load_hub("glue", "mrpc", "train", ["sentence1"], "label")
+    with pytest.raises(DataError, match=r"pip install 'autolora\[hub\]'"):
+        load_glue("MRPC", "train")

@@ -77,3 +77,20 @@ def test_rng_snapshot_replays_without_consuming_randomness():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(first, again) and not torch.equal(after, first)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (lambda m, b: float(mlp_loss(m, b)), "got float"),
+        (lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), r"shaped \(8,\)"),
+        (lambda m, b: {"loss": mlp_loss(m, b)}, "got dict"),
+        (lambda m, b: torch.tensor(1), "torch.int64 tensor"),
+    ],
+)
+def test_loss_fn_must_return_a_scalar_float_tensor(loss_fn, message):
+    from autolora import AutoLoRAError, AutoLoRATrainer
+
+    t = AutoLoRATrainer(MLP(), loss_fn=loss_fn, max_rank=2, target_modules=["fc1"])
+    with pytest.raises(AutoLoRAError, match=f"must return a scalar float tensor.*{message}"):
+        t.fit(mlp_batches(4), max_steps=1)

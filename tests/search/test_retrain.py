@@ -120,3 +120,48 @@ def test_linear_warmup_rises_then_decays_to_zero():
     f = linear_warmup(total=10, warmup=2)
     assert [f(i) for i in range(4)] == [0.5, 1.0, 1.0, 7 / 8]
     assert f(10) == 0.0 and linear_warmup(5, 0)(0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1e-3}, "lr=-0.001 is invalid"),
+        ({"lr": float("nan")}, "lr=nan is invalid"),
+        ({"warmup_ratio": 1.0}, r"warmup_ratio=1.0 is invalid; it must be a number in \[0, 1\)"),
+        ({"warmup_ratio": -0.1}, "warmup_ratio=-0.1 is invalid"),
+        ({"max_steps": 0}, "max_steps=0 is invalid"),
+        ({"epochs": 0}, "epochs=0 is invalid"),
+    ],
+)
+def test_retrain_arguments_are_checked_before_anything_changes(kwargs, message):
+    from autolora import ConfigError
+
+    t = AutoLoRATrainer(MLP(), loss_fn=mlp_loss, max_rank=2, target_modules=["fc1"], modules_to_save=["head"])
+    t.fit(mlp_batches(4), max_steps=1)
+    t.prune(target_rank=1)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    with pytest.raises(ConfigError, match=message):
+        t.retrain(mlp_batches(4), **kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    assert not t.retrained
+
+
+def test_a_finished_retrain_is_loaded_from_its_checkpoint_not_redone(tmp_path, monkeypatch):
+    import autolora.trainer
+
+    def searched():
+        t = AutoLoRATrainer(MLP(), loss_fn=mlp_loss, max_rank=2, target_modules=["fc1"], modules_to_save=["head"])
+        t.fit(mlp_batches(4), max_steps=2)
+        t.prune(target_rank=1)
+        return t
+
+    first = searched().retrain(mlp_batches(4), epochs=2, checkpoint_dir=tmp_path)
+    assert first.retrained and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setattr(autolora.trainer, "retrain_loop", lambda *a, **k: pytest.fail("retrained again"))
+    again = searched().retrain(mlp_batches(4), epochs=2, checkpoint_dir=tmp_path)
+    assert again.retrained
+    for (n, p), q in zip(first.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(p, q), n
+    monkeypatch.undo()
+    other = searched().retrain(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)  # other arguments: retrains
+    assert other.retrained

@@ -329,16 +329,13 @@ class AutoLoRATrainer(AdaptedModel):
 
     def _on_pruned(self) -> None:
         self.search = self._build_search()  # the selectors are gone; fresh optimisers
-        logger = self._get_logger()
-        if dashboard.draws(logger) and self.plan is not None:
-            dashboard.log_confidence(logger, self.state.step, self.plan.confidence, self.plan.warning)
+        dashboard.log_confidence(self._get_logger(), self.state.step, self.plan.confidence, self.plan.warning)
 
     def close(self) -> None:
         """Flush and close the logger."""
         self._log.close()
 
     # ----------------------------------------------------------------------------- prune / export
-
     def retrain(
         self,
         train_data: Iterable,

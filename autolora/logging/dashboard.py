@@ -95,7 +95,10 @@ def log_summary(
 
 def log_confidence(logger: LoggerBase, step: int, confidence: Mapping[str, float], warning: str | None) -> None:
     """The pruned plan's confidence: one ``confidence/<module>`` scalar each, their layer x type
-    heatmap and table, and the warning when the components were not separated."""
+    heatmap and table, and the warning when the components were not separated (nothing for a
+    logger that does not draw)."""
+    if not draws(logger):
+        return
     logger.log_dict({f"confidence/{n}": float(c) for n, c in confidence.items()}, step)
     if not confidence:
         return

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from autolora import AutoLoRATrainer, ExportError
+from autolora import AutoLoRAError, AutoLoRATrainer, ExportError
 from tests.conftest import MLP, load_peft, mlp_batches, mlp_loss
 
 
@@ -102,7 +102,7 @@ def test_crash_mid_export_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(AutoLoRAError, match="disk full"):  # one clear error naming the path
         t.export(tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
     assert export.CONFIG_NAME == "adapter_config.json"

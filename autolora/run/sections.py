@@ -18,6 +18,7 @@ from autolora.config import (
     check_positive,
 )
 from autolora.errors import ConfigError
+from autolora.plan.prune import check_threshold
 from autolora.run.glue import TASKS
 
 
@@ -160,19 +161,16 @@ class FitSection:
 
 @dataclass(frozen=True)
 class PruneSection:
-    """The arguments of ``trainer.prune``: a gate ``threshold`` or a ``target_rank`` budget."""
+    """The arguments of ``trainer.prune``: a ``threshold`` (the cut relative to the reference
+    score; ``None``: the default cut) or a ``target_rank`` budget."""
 
     threshold: float | None = None
     target_rank: int | None = None
     min_rank: int = 1
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and not (
-            isinstance(self.threshold, (int, float))
-            and not isinstance(self.threshold, bool)
-            and 0 <= self.threshold <= 1
-        ):
-            raise ConfigError(f"prune.threshold={self.threshold!r} is invalid; it must be a gate value in [0, 1].")
+        if self.threshold is not None:
+            check_threshold("prune.threshold", self.threshold)
         _check_optional_int("prune.target_rank", self.target_rank, minimum=1)
         if self.threshold is not None and self.target_rank is not None:
             raise ConfigError("prune.threshold and prune.target_rank are two rules; give one of them, not both.")

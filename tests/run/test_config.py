@@ -95,7 +95,7 @@ def test_every_shipped_config_validates(path):
         (FitSection, {"max_steps": 0}, "fit.max_steps=0 is invalid"),
         (FitSection, {"checkpoint_every": -1}, "fit.checkpoint_every=-1 is invalid"),
         (FitSection, {"keep_checkpoints": 0}, "fit.keep_checkpoints=0 is invalid"),
-        (PruneSection, {"threshold": 2.0}, "prune.threshold=2.0 is invalid"),
+        (PruneSection, {"threshold": -1.0}, "prune.threshold=-1.0 is invalid"),
         (PruneSection, {"target_rank": 0}, "prune.target_rank=0 is invalid"),
         (PruneSection, {"threshold": 0.1, "target_rank": 2}, "give one of them"),
         (PruneSection, {"min_rank": -1}, "prune.min_rank=-1 is invalid"),

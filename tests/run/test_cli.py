@@ -64,7 +64,7 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     ("override", "message"),
     [
         ("fit.epochs=0", "fit.epochs=0 is invalid"),
-        ("prune.threshold=-1", "prune.threshold=-1 is invalid"),
+        ("prune.threshold=-1", "prune.threshold=-1.0 is invalid"),
         ("retrain.lr=-1", "retrain.lr=-1.0 is invalid"),
         ("prune.target_rank=9", "prune.target_rank=9 is more than search.max_rank=4"),
         ("model.max_length=0", "model.max_length=0 is invalid"),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from autolora.config import AdapterConfig
-from autolora.errors import ConfigError, RankWarning
+from autolora.errors import ConfigError, RankWarning, StateError
 from autolora.inject import inject_gated, shrink_adapters
 from autolora.layers import GatedLoRALinear, layer_dims
 from autolora.plan.export import adapter_files, merged_model, peft_task_type, write_adapter, write_merged
@@ -64,6 +64,13 @@ class AdaptedModel:
         self.retrained = False
         self.removed: list[str] = []  # modules pruned to rank 0
         self.plan: PrunePlan | None = None
+
+    def _check_searchable(self, call: str) -> None:
+        if self.plan is not None:
+            raise StateError(
+                f"{call} is not possible after prune(): the selectors are fixed. Retrain at the found ranks "
+                "with a fresh PEFT LoRA (autolora exports the plan), or build a new trainer to search again."
+            )
 
     def _on_pruned(self) -> None:
         """Called once the adapters have been shrunk (the trainer rebuilds its optimisers)."""

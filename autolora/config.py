@@ -144,6 +144,10 @@ class SearchConfig:
             many train batches (and as many validation batches for the hypergradient).
         gradient_checkpointing: Call the model's ``gradient_checkpointing_enable`` (Hugging Face
             models) with the non-reentrant implementation, which ``autograd.grad`` needs.
+        stop_when_stable: End the search early once this many consecutive logged plans
+            (one every ``log_every`` steps) give every module the same rank, after at least a
+            quarter of the call's steps; the log says so (``search/stopped`` text and
+            ``summary/stopped_at``). ``None`` (the default) always spends the whole budget.
         skip_nonfinite: On a NaN/inf loss or gradient, skip that step (counted in
             ``trainer.state.skipped_steps``) instead of raising ``NonFiniteError``.
     """
@@ -164,6 +168,7 @@ class SearchConfig:
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
     skip_nonfinite: bool = False
+    stop_when_stable: int | None = None
 
     def __post_init__(self) -> None:
         if self.hypergrad not in ENGINE_NAMES:
@@ -197,6 +202,8 @@ class SearchConfig:
         check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
         check_bool("gradient_checkpointing", self.gradient_checkpointing)
         check_bool("skip_nonfinite", self.skip_nonfinite)
+        if self.stop_when_stable is not None:
+            check_int("stop_when_stable", self.stop_when_stable, minimum=2)
 
     @property
     def xi(self) -> float:

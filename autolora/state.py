@@ -16,6 +16,7 @@ class TrainerState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (or fp16 overflow)
     loss_scale: float = 1.0  # the dynamic float16 loss scale (1 without fp16 autocast)
     good_steps: int = 0  # steps since the loss scale last changed
+    stopped_stable: bool = False  # the last fit call ended early: its rank plan had stopped changing
 
 
 FP16_INIT_SCALE = 2.0**16

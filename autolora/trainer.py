@@ -26,7 +26,7 @@ from autolora.logging import LoggerBase, dashboard
 from autolora.search.bilevel import LossFn, default_loss
 from autolora.search.guard import Guard
 from autolora.search.hypergrad import check_capabilities, get_engine
-from autolora.search.loop import Budget, check_fit_args, fit_loop
+from autolora.search.loop import Budget, StableStop, check_fit_args, fit_loop
 from autolora.search.retrain import check_retrain_args, restart, retrain_loop
 from autolora.search.step import Search, build_search, hypergradient, settle, take_step
 from autolora.state import FP16_INIT_SCALE, TrainerState
@@ -45,9 +45,10 @@ class AutoLoRATrainer(AdaptedModel):
             :class:`~autolora.config.SearchConfig` or :class:`~autolora.config.LoggingConfig`;
             their defaults are the only ones. The usual: ``max_rank`` (8, the paper's search
             rank), ``target_modules``, ``modules_to_save`` (e.g. ``["classifier"]``),
-            ``lora_alpha`` (16), ``hypergrad`` (``"darts"`` as the paper, ``"first_order"``,
+            ``lora_alpha`` (16), ``hypergrad`` (``"first_order"``; ``"darts"`` as the paper,
             ``"unrolled"``, ``"higher"``), ``lr`` (5e-4, AdamW on the weights), ``selector_lr``
-            (5e-3, Adam on the selectors), ``inner_lr``, ``sparsity``, ``log_dir``, ``seed``.
+            (5e-3, Adam on the selectors), ``selector_every`` (4), ``stop_when_stable``,
+            ``inner_lr``, ``sparsity``, ``log_dir``, ``seed``.
 
     Raises:
         AutoLoRAError: for bad targets, a bad ``max_rank``, an unknown engine or option, or an
@@ -119,7 +120,6 @@ class AutoLoRATrainer(AdaptedModel):
         return self._dist is None or self._dist.is_main
 
     # ----------------------------------------------------------------------------- queries
-
     def hypergradient(
         self, train_batch: object, val_batch: object, engine: str | None = None
     ) -> dict[str, torch.Tensor]:
@@ -133,13 +133,6 @@ class AutoLoRATrainer(AdaptedModel):
         """
         self._check_searchable("hypergradient()")
         return hypergradient(self.search, train_batch, val_batch, self.engine if engine is None else get_engine(engine))
-
-    def _check_searchable(self, call: str) -> None:
-        if self.plan is not None:
-            raise StateError(
-                f"{call} is not possible after prune(): the selectors are fixed. Retrain at the found ranks "
-                "with a fresh PEFT LoRA (autolora exports the plan), or build a new trainer to search again."
-            )
 
     # ----------------------------------------------------------------------------- search
     def _init_distributed(self, train_data, val_data) -> None:
@@ -204,26 +197,33 @@ class AutoLoRATrainer(AdaptedModel):
             saved = checkpoint.latest(checkpoint_dir, map_location=self.device)
             if saved is not None:
                 start = checkpoint.restore(self.search, self.adapter_config, saved)
+        if resume and self.state.stopped_stable:
+            return self  # that search ended early on a settled plan: it is finished
+        self.state.stopped_stable = False
         budget = Budget(*start, epochs, max_steps)
         val = Cycle(val_data)
         val.position = self.state.val_position
         logger = self._get_logger()
         n_batches = len(train_data) if hasattr(train_data, "__len__") else None
-        bar = self._progress(budget.steps_left(self.state, n_batches, self.search_config.grad_accum_steps))
-        last: list[dict[str, torch.Tensor]] = []
+        total = budget.steps_left(self.state, n_batches, s.grad_accum_steps)
+        bar, last = self._progress(total), []
+        watch = StableStop(s.stop_when_stable, self.state.step + (total or 0) // 4) if s.stop_when_stable else None
 
-        def on_step(losses: dict[str, torch.Tensor]) -> None:
+        def on_step(losses: dict[str, torch.Tensor]) -> bool:
             last[:] = [losses]
-            metrics = None  # the full metrics cost a sync; built on logged steps only, once
+            metrics, stop = None, False  # the full metrics cost a sync; built on logged steps only, once
             if self._log.due(self.state.step):
-                metrics = self._metrics(losses, self.record_scores(self.state.step))
+                scores = self.record_scores(self.state.step)
+                metrics = self._metrics(losses, scores)
                 self._log_step(logger, metrics)
+                stop = watch is not None and watch.update(self.state.step, self.ranks(scores))
             if checkpoint_every and self.state.step % checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
             if bar is not None:
                 bar.update(1)
                 if metrics is not None:
                     bar.set_postfix(dashboard.postfix(metrics))
+            return stop
 
         try:
             fit_loop(self.search, train_data, val, budget, on_step)
@@ -234,12 +234,12 @@ class AutoLoRATrainer(AdaptedModel):
             if bar is not None:
                 bar.close()
         settle(self.search)
+        if self.state.stopped_stable:
+            dashboard.log_stopped(logger, self.state.step, s.stop_when_stable, self._log.config.log_every)
         if dashboard.draws(logger) and self.adapters:
             gates, ranks = self._figures()
-            params, final = (
-                self.parameter_count(ranks)["adapter"],
-                {k: float(v) for k, v in last[0].items()} if last else None,
-            )
+            final = {k: float(v) for k, v in last[0].items()} if last else None
+            params = self.parameter_count(ranks)["adapter"]
             dashboard.log_summary(logger, self.state.step, gates, ranks, params, self._log.hparams, final)
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)

@@ -127,3 +127,24 @@ def test_no_signal_warns():
     with pytest.warns(RankWarning, match="not distinguishable.*uniform LoRA"):
         t.prune()
     assert t.rank_record()["warning"].startswith("ranks are not distinguishable")
+
+
+def test_search_stops_once_the_plan_has_settled(tmp_path):
+    """stop_when_stable ends the search early on a clear case, says so in the log, keeps the
+    plan, and a resumed run does not search again."""
+    import json
+
+    model, train, val = data(0)
+    kw = dict(target_modules=[f"maps.{i}" for i in range(len(PLANTED))], loss_fn=mse, lr=5e-3, progress=False)
+    t = AutoLoRATrainer(model, max_rank=6, stop_when_stable=3, log_every=4, log_dir=str(tmp_path / "logs"), **kw)
+    budget = len(train) * 6
+    t.fit(train, val, epochs=6, checkpoint_dir=tmp_path / "ckpt")
+    t.close()
+    assert t.state.stopped_stable and budget // 4 <= t.state.step < budget
+    ranks = [t.ranks()[f"maps.{i}"] for i in range(len(PLANTED))]
+    assert spearman(ranks, PLANTED) >= 0.8
+    texts = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("name") == "search/stopped" and "search stopped at step" in r["text"] for r in texts)
+    again = AutoLoRATrainer(data(0)[0], max_rank=6, stop_when_stable=3, log_every=4, **kw)
+    again.fit(train, val, epochs=6, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert again.state.step == t.state.step  # the finished search is not redone

@@ -93,6 +93,17 @@ def log_summary(
     logger.log_hparams(dict(hparams), final, step)
 
 
+def log_stopped(logger: LoggerBase, step: int, patience: int, log_every: int) -> None:
+    """Say that the search ended early because its plan had stopped changing."""
+    logger.log_dict({"summary/stopped_at": float(step)}, step)
+    logger.log_text(
+        "search/stopped",
+        f"search stopped at step {step}: the rank plan was the same at the last {patience} logged steps "
+        f"(every {log_every} steps); stop_when_stable={patience}.",
+        step,
+    )
+
+
 def log_confidence(logger: LoggerBase, step: int, confidence: Mapping[str, float], warning: str | None) -> None:
     """The pruned plan's confidence: one ``confidence/<module>`` scalar each, their layer x type
     heatmap and table, and the warning when the components were not separated (nothing for a

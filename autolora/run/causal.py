@@ -100,6 +100,7 @@ def train(cfg: RunConfig) -> dict:
         "ranks": ranks,
         "adapter_parameters": trainer.parameter_count()["adapter"],
         "search_steps": trainer.state.step,
+        "search_stopped_stable": trainer.state.stopped_stable,  # ended early on a settled plan
         "skipped_steps": trainer.state.skipped_steps,
         "search_seconds": round(search_s, 2),
         "retrain_seconds": round(retrain_s, 2),

@@ -29,7 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty target folder")
     export.add_argument("--merged", action="store_true", help="write the base model with the adapters merged in")
-    export.add_argument("--threshold", type=float, default=None, help="prune at this cut (x the median module top score; default 0.1) instead")
+    export.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="prune at this cut (x the median module top score; default 0.1) instead",
+    )
     export.add_argument("--target-rank", type=int, default=None, help="prune to this average rank instead")
     report = sub.add_parser("report", help="write report.md and PNG plots of the ranks into RUN_DIR")
     report.add_argument("run_dir", type=Path)

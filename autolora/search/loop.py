@@ -49,6 +49,26 @@ class Budget:
         return total
 
 
+class StableStop:
+    """Ends a search once its rank plan has stopped changing.
+
+    Args:
+        patience: How many consecutive logged plans must be identical.
+        min_step: No stop before this step (e.g. a quarter of the call's budget), so that an
+            early plateau of a still-growing update does not end the search.
+    """
+
+    def __init__(self, patience: int, min_step: int = 0) -> None:
+        self.patience, self.min_step = patience, min_step
+        self._plans: list[dict[str, int]] = []
+
+    def update(self, step: int, ranks: dict[str, int]) -> bool:
+        """Record the plan at ``step``; True when the search should stop here."""
+        self._plans = [*self._plans[-(self.patience - 1) :], dict(ranks)] if self.patience > 1 else [dict(ranks)]
+        stable = len(self._plans) == self.patience and all(p == self._plans[-1] for p in self._plans)
+        return stable and step >= self.min_step
+
+
 def micro_batches(data: Iterable, accum: int, skip: int) -> Iterator[tuple[int, list, bool]]:
     """``(index of the group's last batch, group of up to accum batches, is the epoch's last)``,
     after skipping the first ``skip`` batches (to continue mid-epoch)."""
@@ -72,9 +92,10 @@ def fit_loop(
     train_data: Iterable,
     val: Cycle,
     budget: Budget,
-    on_step: Callable[[dict[str, torch.Tensor]], None],
+    on_step: Callable[[dict[str, torch.Tensor]], bool | None],
 ) -> None:
-    """Take steps until ``budget`` is spent; ``val`` is cycled for the selector steps."""
+    """Take steps until ``budget`` is spent or ``on_step`` returns True (stop now); ``val`` is
+    cycled for the selector steps."""
     state, accum = search.state, search.config.grad_accum_steps
     while not budget.out_of_epochs(state) and not budget.out_of_steps(state):
         epoch_ended = False
@@ -85,7 +106,9 @@ def fit_loop(
             if is_last:
                 _end_epoch(state)
                 epoch_ended = True
-            on_step(losses)
+            if on_step(losses):
+                state.stopped_stable = True
+                return
             if budget.out_of_steps(state) or epoch_ended:
                 break
         if not epoch_ended and not budget.out_of_steps(state):  # an empty epoch (nothing left to skip to)

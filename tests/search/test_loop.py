@@ -1,6 +1,6 @@
 """The fit loop's budget and micro-batch grouping."""
 
-from autolora.search.loop import Budget, micro_batches
+from autolora.search.loop import Budget, StableStop, micro_batches
 from autolora.state import TrainerState
 
 
@@ -17,3 +17,12 @@ def test_micro_batches_group_skip_and_mark_the_epoch_end():
     assert list(micro_batches("abcde", 2, skip=0)) == [(1, ["a", "b"], False), (3, ["c", "d"], False), (4, ["e"], True)]
     assert list(micro_batches("abcde", 2, skip=2)) == [(3, ["c", "d"], False), (4, ["e"], True)]
     assert list(micro_batches("abc", 1, skip=3)) == []
+
+
+def test_stable_stop_needs_patience_identical_plans_after_min_step():
+    watch = StableStop(patience=3, min_step=10)
+    a, b = {"m": 2}, {"m": 3}
+    assert [watch.update(s, p) for s, p in [(2, a), (4, a), (6, b), (8, b)]] == [False] * 4
+    assert not watch.update(9, b)  # three identical plans, but before min_step
+    assert watch.update(10, b)
+    assert not StableStop(patience=2).update(1, a)  # one plan is not a plateau

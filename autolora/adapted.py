@@ -83,11 +83,16 @@ class AdaptedModel:
         """{module: component scores (max_rank,), descending}: the singular values of the module's
         gated update ``s * B diag(g) A`` relative to its base weight's RMS singular value (see
         :mod:`autolora.plan.scores`). Unlike a gate, a score cannot be undone by A and B growing."""
-        out = {}
+        groups: dict[tuple, list[str]] = {}  # modules of one shape share one batched SVD
         for n, a in self.adapters.items():
-            a_fold, b_fold = a.folded_factors()
-            out[n] = spectrum_scores(a_fold, b_fold, self._base_rms[n], a.rank)
-        return out
+            groups.setdefault((tuple(a.lora_A.shape), tuple(a.lora_B.shape), a.lora_A.dtype), []).append(n)
+        out = {}
+        for names in groups.values():
+            factors = [self.adapters[n].folded_factors() for n in names]
+            a_fold, b_fold = torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])
+            refs = torch.tensor([self._base_rms[n] for n in names])
+            out.update(zip(names, spectrum_scores(a_fold, b_fold, refs, a_fold.shape[1]).unbind()))
+        return {n: out[n] for n in self.adapters}
 
     def record_scores(self, step: int) -> dict[str, torch.Tensor]:
         """Take a snapshot of :meth:`scores` at ``step`` (the search does on logged steps) and

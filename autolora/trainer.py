@@ -316,8 +316,9 @@ class AutoLoRATrainer(AdaptedModel):
     def _get_logger(self) -> LoggerBase:
         return self._log.logger(self.is_main_process, list(self.adapters))
 
-    def _figures(self) -> tuple[dict[str, list[float]], dict[str, int]]:
-        return {n: g.float().cpu().tolist() for n, g in self.gates().items()}, self.ranks()
+    def _figures(self) -> tuple[dict[str, list[float]], dict[str, int]]:  # ranks from the newest snapshot
+        scores = self.snapshots[-1][1] if self.snapshots and self.plan is None else None
+        return {n: g.float().cpu().tolist() for n, g in self.gates().items()}, self.ranks(scores)
 
     def _log_step(self, logger: LoggerBase, metrics: dict[str, float]) -> None:
         figures = self._figures if self.adapters else None

@@ -27,18 +27,19 @@ def update_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """The thin SVD of ``b @ a`` without forming the (out, in) product.
 
     Args:
-        a: (r, in).
-        b: (out, r), with scale and gates already folded in.
+        a: (r, in), or a batch (..., r, in) of modules of one shape.
+        b: (out, r) (or (..., out, r)), with scale and gates already folded in.
 
     Returns:
-        ``(u, s, vh)`` with ``u`` (out, k), ``s`` (k,) descending, ``vh`` (k, in), k = min(r, in, out),
-        so that ``u @ diag(s) @ vh == b @ a`` up to rounding. Computed in float32 at least.
+        ``(u, s, vh)`` with ``u`` (..., out, k), ``s`` (..., k) descending, ``vh`` (..., k, in),
+        k = min(r, in, out), so that ``u @ diag(s) @ vh == b @ a`` up to rounding. Computed in
+        float32 at least.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
     qb, rb = torch.linalg.qr(b.to(dtype))  # (out, k1), (k1, r)
-    qa, ra = torch.linalg.qr(a.to(dtype).T)  # (in, k2), (k2, r)
-    uc, s, vhc = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (k1, k), (k,), (k, k2)
-    return qb @ uc, s, vhc @ qa.T
+    qa, ra = torch.linalg.qr(a.to(dtype).mT)  # (in, k2), (k2, r)
+    uc, s, vhc = torch.linalg.svd(rb @ ra.mT, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    return qb @ uc, s, vhc @ qa.mT
 
 
 def base_rms(weight: torch.Tensor) -> float:
@@ -48,12 +49,15 @@ def base_rms(weight: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def spectrum_scores(a: torch.Tensor, b: torch.Tensor, reference: float, rank: int) -> torch.Tensor:
+def spectrum_scores(a: torch.Tensor, b: torch.Tensor, reference: float | torch.Tensor, rank: int) -> torch.Tensor:
     """Scores of a module's components: the singular values of ``b @ a`` / ``reference``, padded
-    with zeros to ``rank`` entries, descending (shape (rank,), float32 on a's device)."""
+    with zeros to ``rank`` entries, descending (shape (rank,), float32 on a's device). Batched
+    inputs (``a`` (m, r, in), ``b`` (m, out, r), ``reference`` (m,)) give (m, rank)."""
     _, s, _ = update_svd(a, b)
-    out = torch.zeros(rank, dtype=torch.float32, device=a.device)
-    out[: min(rank, s.numel())] = s[:rank].float() / reference
+    out = torch.zeros((*s.shape[:-1], rank), dtype=torch.float32, device=a.device)
+    k = min(rank, s.shape[-1])
+    ref = torch.as_tensor(reference, dtype=torch.float32, device=a.device)
+    out[..., :k] = s[..., :k].float() / ref.unsqueeze(-1) if ref.dim() else s[..., :k].float() / ref
     return out
 
 

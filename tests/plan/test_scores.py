@@ -70,3 +70,13 @@ def test_agreement():
     final = {"a": 2, "b": 1}
     assert agreement(final, [{"a": 2, "b": 1}, {"a": 2, "b": 3}]) == {"a": 1.0, "b": 0.5}
     assert agreement(final, []) == {"a": 1.0, "b": 1.0}
+
+
+def test_batched_scores_equal_one_module_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 4, 9, generator=g), torch.randn(5, 7, 4, generator=g)
+    refs = torch.rand(5, generator=g) + 0.5
+    batched = spectrum_scores(a, b, refs, 4)
+    assert batched.shape == (5, 4)
+    for i in range(5):
+        torch.testing.assert_close(batched[i], spectrum_scores(a[i], b[i], float(refs[i]), 4), rtol=1e-5, atol=1e-6)

@@ -70,7 +70,7 @@ def batches(cfg: RunConfig, data: lm.LMData, tokenizer, shuffle: bool) -> list:
 
 def train(cfg: RunConfig) -> dict:
     """The whole causal-LM pipeline; returns (and writes) ``metrics.json``."""
-    from autolora.run.pipeline import pick_device, prepare_run_dir, search_and_retrain, write_records
+    from autolora.run.pipeline import pick_device, prepare_run_dir, search_and_retrain, search_summary, write_records
 
     run_dir = Path(cfg.output_dir)
     pick_device(cfg.model.device)
@@ -97,14 +97,7 @@ def train(cfg: RunConfig) -> dict:
         "dev_examples": len(dev_data),
         "train_examples": len(train_data),
         "truncated_rows": {"train": train_data.truncated, "dev": dev_data.truncated},
-        "ranks": ranks,
-        "adapter_parameters": trainer.parameter_count()["adapter"],
-        "search_steps": trainer.state.step,
-        "search_stopped_stable": trainer.state.stopped_stable,  # ended early on a settled plan
-        "skipped_steps": trainer.state.skipped_steps,
-        "search_seconds": round(search_s, 2),
-        "retrain_seconds": round(retrain_s, 2),
-        "device": str(trainer.device),
+        **search_summary(trainer, ranks, search_s, retrain_s),
     }
     write_records(run_dir, trainer, metrics)
     return metrics

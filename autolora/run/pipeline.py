@@ -171,14 +171,7 @@ def train(cfg: RunConfig) -> dict:
         "warnings": degenerate(preds, dev_score, base, metric),
         "dev_examples": len(dev_ex),
         "train_examples": len(train_ex),
-        "ranks": ranks,
-        "adapter_parameters": trainer.parameter_count()["adapter"],
-        "search_steps": trainer.state.step,
-        "search_stopped_stable": trainer.state.stopped_stable,  # ended early on a settled plan
-        "skipped_steps": trainer.state.skipped_steps,
-        "search_seconds": round(search_s, 2),
-        "retrain_seconds": round(retrain_s, 2),
-        "device": str(trainer.device),
+        **search_summary(trainer, ranks, search_s, retrain_s),
     }
     write_records(run_dir, trainer, metrics)
     return metrics
@@ -210,6 +203,20 @@ def search_and_retrain(cfg: RunConfig, trainer: AutoLoRATrainer, train_batches: 
             train_batches, epochs=r.epochs, lr=r.lr, warmup_ratio=r.warmup_ratio, checkpoint_dir=run_dir / RETRAINED
         )
     return ranks, search_s, time.perf_counter() - t1
+
+
+def search_summary(trainer: AutoLoRATrainer, ranks: dict[str, int], search_s: float, retrain_s: float) -> dict:
+    """The part of ``metrics.json`` that every task shares: the plan, its size, the steps and times."""
+    return {
+        "ranks": ranks,
+        "adapter_parameters": trainer.parameter_count()["adapter"],
+        "search_steps": trainer.state.step,
+        "search_stopped_stable": trainer.state.stopped_stable,  # ended early on a settled plan
+        "skipped_steps": trainer.state.skipped_steps,
+        "search_seconds": round(search_s, 2),
+        "retrain_seconds": round(retrain_s, 2),
+        "device": str(trainer.device),
+    }
 
 
 def write_records(run_dir: Path, trainer: AutoLoRATrainer, metrics: dict) -> None:

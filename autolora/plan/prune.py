@@ -23,8 +23,8 @@ import torch
 from autolora.errors import ConfigError, StateError
 from autolora.plan.scores import agreement, margins, reference_score
 
-# A relative slack on thresholds, so that float rounding of uniform gates (exactly 1/r in exact
-# arithmetic) never drops a component that sits on the threshold.
+# A relative slack on thresholds, so that float rounding never drops a component whose score sits
+# exactly on the cut (the top score when the cut is 1 x the reference, uniform values, ...).
 THRESHOLD_RTOL = 1e-6
 
 # The default cut, relative to the reference score. Chosen on search splits only (no dev data):
@@ -97,7 +97,7 @@ def kept_counts(gates: Sequence[torch.Tensor], thresholds: Sequence[float]) -> t
 
 
 def _order(values: torch.Tensor) -> list[int]:
-    """Component indices by gate value, highest first; ties by index."""
+    """Component indices by score, highest first; ties by index."""
     vals = values.tolist()
     return sorted(range(len(vals)), key=lambda j: (-vals[j], j))
 
@@ -141,7 +141,7 @@ def budget_keep(
     min_rank: int = 1,
     max_rank_per_module: int | None = None,
 ) -> dict[str, list[int]]:
-    """Keep the ``budget`` components with the highest gates across all modules.
+    """Keep the ``budget`` components with the highest scores across all modules.
 
     Each module first keeps its top ``min_rank``; the rest of the budget goes to the highest
     remaining gates anywhere, at most ``max_rank_per_module`` per module. Ties break by module

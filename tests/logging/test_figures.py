@@ -115,3 +115,28 @@ def test_no_log_dir_writes_nothing(tmp_path, monkeypatch):
     t.fit(token_batches(3), max_steps=1)
     assert list(tmp_path.iterdir()) == []
     assert torch.isfinite(t.model.bert.encoder.layer[0].attention.self.query.lora_A).all()
+
+
+def test_pruning_logs_each_ranks_confidence(tmp_path):
+    """The plan's confidence reaches TensorBoard: one scalar per module, a heatmap, a table."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    t = AutoLoRATrainer(
+        bert(), max_rank=4, target_modules=["query", "value"], modules_to_save=["classifier"], log_dir=str(tmp_path),
+        log_every=1, progress=False,
+    )  # fmt: skip
+    t.fit(token_batches(6), token_batches(2, seed=3), epochs=2)
+    t.prune()
+    t.close()
+    confidence = t.rank_record()["confidence"]
+    assert set(confidence) == set(NAMES) and all(0 <= c <= 1 for c in confidence.values())
+    acc = EventAccumulator(str(tmp_path), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE).Reload()
+    tags = acc.Tags()
+    for name, value in confidence.items():
+        assert acc.Scalars(f"confidence/{name}")[-1].value == pytest.approx(value)
+    assert "ranks/confidence" in tags["images"]
+    texts = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("name") == "rank_confidence" for r in texts)

@@ -66,3 +66,19 @@ def test_report_names_a_corrupt_ranks_file(tmp_path):
     ranks.write_text(ranks.read_text()[:40])  # truncated
     with pytest.raises(DataError, match=r"ranks\.json is corrupt or truncated"):
         write_report(tmp_path)
+
+
+def test_report_shows_each_ranks_confidence_and_the_warning(tmp_path):
+    from PIL import Image
+
+    _run(tmp_path, export=True)
+    path = tmp_path / "adapter" / "ranks.json"
+    record = json.loads(path.read_text())
+    assert set(record["confidence"]) == set(record["ranks"])
+    record["warning"] = "ranks are not distinguishable (a test); consider a uniform LoRA r=2."
+    record["confidence"] = dict.fromkeys(record["ranks"], 0.25)
+    path.write_text(json.dumps(record))
+    text = write_report(tmp_path).read_text()
+    assert "## How sure each rank is" in text and "| 0 | 0.25 | 0.25 |" in text
+    assert "**Warning:** ranks are not distinguishable (a test)" in text
+    Image.open(tmp_path / "rank_confidence.png").verify()

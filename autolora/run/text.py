@@ -87,7 +87,7 @@ def _records(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl.")
     try:
         if suffix == ".jsonl":
-            return _json_records(path)
+            return json_records(path)
         header, *rows = read_delimited(path, f"no such data file {str(path)!r}.") or [[]]
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
@@ -105,7 +105,12 @@ def _records(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _json_records(path: Path) -> list[tuple[int, dict]]:
+def json_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSONL file.
+
+    Raises:
+        DataError: for a line that is not JSON or not an object, naming the file and line.
+    """
     records = []
     for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not text.strip():

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from autolora.config import AdapterConfig
+from autolora.config import AdapterConfig, SearchConfig
 from autolora.errors import StateError
 from autolora.plan.atomic import atomic_dir
 from autolora.state import TrainerState
@@ -164,13 +164,27 @@ def latest(directory: str | os.PathLike, map_location: str | torch.device = "cpu
     return None
 
 
+def _with_new_defaults(saved: dict) -> dict:
+    """``saved`` with config fields added since it was written set to their defaults (the
+    behaviour of the code that wrote it), so a checkpoint of an older version still matches."""
+    defaults = json.loads(
+        json.dumps({"adapter_config": asdict(AdapterConfig()), "search_config": asdict(SearchConfig())})
+    )
+    out = dict(saved)
+    for section, values in defaults.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**values, **out[section]}
+    return out
+
+
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     """Raise a ``StateError`` naming what differs between a checkpoint and this trainer."""
+    saved = _with_new_defaults(saved)
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs[:3])
         raise StateError(
-            f"resume=True found checkpoint {path} from a different model or config ({detail}). "
+            f"checkpoint {path} is from a different model or config ({detail}). "
             "Point checkpoint_dir at a fresh folder, or restore the original model and settings."
         )
 

@@ -224,3 +224,20 @@ def test_a_checkpoint_write_that_fails_is_one_error_and_leaves_no_temp_folder(tm
     with pytest.raises(WriteError, match=r"step-00000003.*No space left on device"):
         t.fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
+    """A field added later (stop_when_stable here) is taken at its default for an older
+    checkpoint, which ran without it; a differing value is still refused."""
+    import json
+
+    first = _trainer().fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
+    (manifest,) = tmp_path.glob("step-*/checkpoint.json")
+    record = json.loads(manifest.read_text())
+    del record["fingerprint"]["search_config"]["stop_when_stable"]  # as an older version wrote it
+    manifest.write_text(json.dumps(record))
+    resumed = _trainer()
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.state.step == first.state.step
+    with pytest.raises(StateError, match=r"different model or config.*search_config"):
+        _trainer(stop_when_stable=3).load_checkpoint(tmp_path)

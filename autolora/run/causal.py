@@ -88,6 +88,7 @@ def train(cfg: RunConfig) -> dict:
     model, tokenizer, trainer = build(cfg, run_dir, tokenizer)
     train_batches = batches(cfg, train_data, tokenizer, shuffle=True)
     dev_batches = batches(cfg, dev_data, tokenizer, shuffle=False)
+    base_loss = lm.dev_loss(model, dev_batches)["dev_loss"]  # fresh adapters have B = 0: the base model
     ranks, search_s, retrain_s = search_and_retrain(cfg, trainer, train_batches, run_dir)
     retrain_steps = len(train_batches) * cfg.retrain.epochs if cfg.retrain.enabled else 0  # an upper bound
     scores = lm.dev_loss(model, dev_batches)
@@ -100,6 +101,12 @@ def train(cfg: RunConfig) -> dict:
         "metric": "dev_loss",
         "dev": scores["dev_loss"],
         "dev_loss": scores["dev_loss"],
+        "baseline": {"name": "base model without the adapter", "dev": base_loss},
+        "warnings": []
+        if scores["dev_loss"] < base_loss
+        else [
+            f"the dev loss {scores['dev_loss']:.4f} is not below the base model's ({base_loss:.4f}): the adapter did not help."
+        ],
         "perplexity": scores["perplexity"],
         "dev_tokens": scores["dev_tokens"],
         "dev_examples": len(dev_data),

@@ -82,6 +82,10 @@ def test_cli_train_reload_generate_export(tmp_path, tiny_lm, capsys):
     scored = lm.dev_loss(model, lm.make_lm_batches(dev, 3, lm.pad_id(tok)))  # another batching
     assert scored["dev_loss"] == pytest.approx(metrics["dev_loss"], rel=1e-5)
     assert scored["dev_tokens"] == metrics["dev_tokens"]
+    # the baseline is the base model itself: the same dev loss without the adapter
+    base = lm.dev_loss(AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), lm.make_lm_batches(dev, 3, lm.pad_id(tok)))
+    assert metrics["baseline"]["dev"] == pytest.approx(base["dev_loss"], rel=1e-5)
+    assert "base model without the adapter" in (run / "report.md").read_text()
 
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "name[Alimentum]", "--max-new-tokens", "5"]) == 0

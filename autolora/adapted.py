@@ -216,13 +216,13 @@ class AdaptedModel:
     def rank_record(self) -> dict:
         """The rank plan as JSON-able data: ranks, the gates behind them, rule and budget."""
         gates = {} if self.plan else {n: g.tolist() for n, g in self.gates().items()}
-        a = self.adapter_config
+        a, ranks = self.adapter_config, self.ranks()  # one scoring pass for both
         return rank_record(
             self.plan,
             gates,
-            self.ranks(),
+            ranks,
             retrained=self.retrained,
             max_rank=a.max_rank,
             gate=a.gate,
-            parameters=self.parameter_count(),
+            parameters=self.parameter_count(ranks),
         )

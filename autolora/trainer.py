@@ -213,10 +213,10 @@ class AutoLoRATrainer(AdaptedModel):
             last[:] = [losses]
             metrics, stop = None, False  # the full metrics cost a sync; built on logged steps only, once
             if self._log.due(self.state.step):
-                scores = self.record_scores(self.state.step)
-                metrics = self._metrics(losses, scores)
-                self._log_step(logger, metrics)
-                stop = watch is not None and watch.update(self.state.step, self.ranks(scores))
+                ranks = self.ranks(self.record_scores(self.state.step))  # one snapshot, one count
+                metrics = self._metrics(losses, ranks)
+                self._log_step(logger, metrics, ranks)
+                stop = watch is not None and watch.update(self.state.step, ranks)
             if checkpoint_every and self.state.step % checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir, keep_checkpoints, call_start=start)
             if bar is not None:
@@ -230,7 +230,8 @@ class AutoLoRATrainer(AdaptedModel):
         finally:
             if last and self._log.logged_step != self.state.step:
                 # always log (and snapshot) the last step
-                self._log_step(logger, self._metrics(last[0], self.record_scores(self.state.step)))
+                ranks = self.ranks(self.record_scores(self.state.step))
+                self._log_step(logger, self._metrics(last[0], ranks), ranks)
             if bar is not None:
                 bar.close()
         settle(self.search)
@@ -260,13 +261,9 @@ class AutoLoRATrainer(AdaptedModel):
         settle(self.search)
         return {k: float(v) for k, v in losses.items()}
 
-    def _metrics(
-        self, losses: Mapping[str, torch.Tensor | float], scores: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, float]:
-        """``losses`` plus ranks (from ``scores`` if given), counts and learning rates at the
-        current state (for logging)."""
+    def _metrics(self, losses: Mapping[str, torch.Tensor | float], ranks: dict[str, int]) -> dict[str, float]:
+        """``losses`` plus ``ranks``, counts and learning rates at the current state (for logging)."""
         settle(self.search)  # the counters must include the last step
-        ranks = self.ranks(scores)
         lrs = {}
         if self.weight_optimizer is not None:
             lrs["weights"] = self.weight_optimizer.param_groups[0]["lr"]
@@ -316,12 +313,13 @@ class AutoLoRATrainer(AdaptedModel):
     def _get_logger(self) -> LoggerBase:
         return self._log.logger(self.is_main_process, list(self.adapters))
 
-    def _figures(self) -> tuple[dict[str, list[float]], dict[str, int]]:  # ranks from the newest snapshot
-        scores = self.snapshots[-1][1] if self.snapshots and self.plan is None else None
-        return {n: g.float().cpu().tolist() for n, g in self.gates().items()}, self.ranks(scores)
+    def _figures(self, ranks: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
+        if ranks is None:  # from the newest snapshot
+            ranks = self.ranks(self.snapshots[-1][1] if self.snapshots and self.plan is None else None)
+        return {n: g.float().cpu().tolist() for n, g in self.gates().items()}, ranks
 
-    def _log_step(self, logger: LoggerBase, metrics: dict[str, float]) -> None:
-        figures = self._figures if self.adapters else None
+    def _log_step(self, logger: LoggerBase, metrics: dict[str, float], ranks: dict[str, int]) -> None:
+        figures = (lambda: self._figures(ranks)) if self.adapters else None
         self._log.step(logger, self.state.step, metrics, figures, self.adapter_config.max_rank)
 
     def _progress(self, total: int | None):

@@ -252,10 +252,21 @@ def choose_keep(
     return keep, level
 
 
+def _kept_and_dropped(
+    scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]
+) -> tuple[list[float], list[float]]:
+    """The scores of the kept and of the dropped components, all modules pooled."""
+    kept, dropped = [], []
+    for n, s in scores.items():
+        wanted = set(keep[n])
+        for j, v in enumerate(s.tolist()):
+            (kept if j in wanted else dropped).append(v)
+    return kept, dropped
+
+
 def _budget_level(scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]) -> float:
     """The geometric mean of the weakest kept and the strongest dropped score anywhere."""
-    kept = [float(scores[n][j]) for n, idx in keep.items() for j in idx]
-    dropped = [float(v) for n, s in scores.items() for j, v in enumerate(s.tolist()) if j not in keep[n]]
+    kept, dropped = _kept_and_dropped(scores, keep)
     lo, hi = (min(kept) if kept else 0.0), (max(dropped) if dropped else 0.0)
     return math.sqrt(max(lo, 1e-12) * max(hi, 1e-12)) if kept and dropped else (lo or hi)
 
@@ -305,8 +316,7 @@ def assess(
 def separation(scores: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]]) -> float | None:
     """The median kept score over the median dropped score, all modules pooled (``None`` when
     nothing was kept or nothing dropped): how far the plan's cut stands from a cut through noise."""
-    kept = [float(scores[n][j]) for n, idx in keep.items() for j in idx]
-    dropped = [float(v) for n, s in scores.items() for j, v in enumerate(s.tolist()) if j not in keep[n]]
+    kept, dropped = _kept_and_dropped(scores, keep)
     if not dropped or not kept:
         return None
     return statistics.median(kept) / max(statistics.median(dropped), 1e-12)

@@ -40,10 +40,12 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -117,6 +119,7 @@ class Method:
     peft_defaults: bool = False  # AdaLoRA: PEFT's own schedule and regulariser (tinit=tfinal=0, orth_reg 0.5)
     control: Literal["shuffled", "shuffled_shape", "uniform"] | None = None
     loss: Literal["model", "logits"] = "model"
+    stop_when_stable: int | None = None  # AutoLoRA: the trainer's option (end the search on a settled plan)
 
 
 METHODS: dict[str, Method] = {
@@ -126,6 +129,8 @@ METHODS: dict[str, Method] = {
     "lora_r16": Method("lora", 16),
     "autolora_fo4": Method("autolora", 8, hypergrad="first_order", selector_every=4),
     "autolora_darts8": Method("autolora", 8, hypergrad="darts", selector_every=8),
+    # the pipeline-cost recipe: autolora_fo4 whose search ends once 3 logged plans (20 steps) agree
+    "autolora_stable": Method("autolora", 8, hypergrad="first_order", selector_every=4, stop_when_stable=3),
     # the tight budget for --targets all-linear: average rank 2 over the modules, modules may drop out
     "autolora_budget2": Method(
         "autolora", 8, hypergrad="first_order", selector_every=4, prune_kwargs={"target_rank": 2, "min_rank": 0}
@@ -355,7 +360,7 @@ def run_lora(
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
         target_modules=targets,
-        modules_to_save=HEAD,
+        modules_to_save=list(HEAD),  # PEFT extends the list it is given in place
     )
     peft_model = get_peft_model(model, config)
     steps = train_peft(peft_model, batches, epochs, seed, device, max_grad_norm=max_grad_norm)
@@ -396,7 +401,7 @@ def run_control(
         task_type="SEQ_CLS",
         lora_alpha=LORA_ALPHA,  # no alpha_pattern: scaling lora_alpha / r_k, as AutoLoRA's retrain
         lora_dropout=0.0,
-        modules_to_save=HEAD,
+        modules_to_save=list(HEAD),  # PEFT extends the list it is given in place
         **gm.lora_plan_config(ranks),
     )
     peft_model = get_peft_model(model, config)
@@ -445,7 +450,7 @@ def run_adalora(
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
         target_modules=targets,
-        modules_to_save=HEAD,
+        modules_to_save=list(HEAD),  # PEFT extends the list it is given in place
     )
     peft_model = get_peft_model(model, config)
     allocator = peft_model.base_model
@@ -504,6 +509,19 @@ def _strip(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
+def plan_history(log_dir: str) -> list[list[int]]:
+    """The rank plan of every logged search step, ``[step, rank of each module in model order]``,
+    read back from the trainer's ``metrics.jsonl``."""
+    history = []
+    with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            ranks = [int(v) for k, v in rec.items() if k.startswith("rank/")]
+            if ranks and "step" in rec:
+                history.append([int(rec["step"]), *ranks])
+    return history
+
+
 def run_autolora(
     model: nn.Module,
     method: Method,
@@ -516,19 +534,24 @@ def run_autolora(
 ) -> Outcome:
     from autolora import AutoLoRATrainer, RankWarning
 
+    log_dir = tempfile.mkdtemp(prefix="autolora_glue_")
+
     options: dict[str, Any] = {"autocast": "bf16"} if device.type == "cuda" else {}
     trainer = AutoLoRATrainer(
         model,
         max_rank=method.rank,
         target_modules=targets,
-        modules_to_save=HEAD,
+        modules_to_save=list(HEAD),  # PEFT extends the list it is given in place
         lora_alpha=LORA_ALPHA,
         hypergrad=method.hypergrad or "darts",
         selector_every=method.selector_every,
         lr=LR,
         seed=seed,
         max_grad_norm=max_grad_norm,
+        stop_when_stable=method.stop_when_stable,
         progress=False,
+        log_dir=log_dir,
+        loggers=("jsonl",),
         **options,
     )
     model.train()  # from_pretrained returns eval mode; the trainer uses the mode as it is
@@ -537,6 +560,7 @@ def run_autolora(
     synchronize(device)
     search_s = time.perf_counter() - start
     search_steps = trainer.state.step
+    trainer.close()
     gates = {n: [round(float(g), 5) for g in v] for n, v in trainer.gates().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RankWarning)
@@ -563,7 +587,11 @@ def run_autolora(
         "confidence": record["confidence"],
         "rank_warning": record["warning"],
         "warnings": [str(w.message) for w in caught],
+        "stop_when_stable": method.stop_when_stable,
+        "stopped_stable": trainer.state.stopped_stable,
+        "plan_history": plan_history(log_dir),
     }
+    shutil.rmtree(log_dir, ignore_errors=True)
     return Outcome(trainer.model, adapter, search_steps + retrain_steps, ranks, extra)
 
 
@@ -632,6 +660,12 @@ def run_one(args: argparse.Namespace) -> None:
     )
 
     synchronize(device)
+    profiler = None
+    if args.profile_out:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     common = (model, method, train_batches, epochs, seed, device, targets)
     if method.family == "lora":
@@ -645,6 +679,13 @@ def run_one(args: argparse.Namespace) -> None:
         outcome = run_autolora(*common, args.max_grad_norm)
     synchronize(device)
     wall = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        with open(args.profile_out, "w", encoding="utf-8") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(60)
+            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
     start = time.perf_counter()
     with autocast(device):
         value = evaluate(outcome.model, dev_batches, spec.metric)
@@ -962,6 +1003,7 @@ def parse_one(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--method", required=True, choices=list(METHODS))
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--target-r", type=int, default=None, help="AdaLoRA target_r (default: from the AutoLoRA row)")
+    ap.add_argument("--profile-out", default=None, help="write cProfile stats of the training part here")
     ap.add_argument("--launched-at", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--concurrent-jobs", type=int, default=1, help=argparse.SUPPRESS)

@@ -27,7 +27,14 @@ class Logger(Protocol):
 
 
 class LoggerBase:
-    """The protocol plus optional rich records, all no-ops; subclasses override what they store."""
+    """The protocol plus optional rich records, all no-ops; subclasses override what they store.
+
+    Attributes:
+        takes_images: Whether :meth:`log_image` stores anything; figures are drawn (matplotlib,
+            tens of milliseconds each) only for a logger that does.
+    """
+
+    takes_images: bool = False
 
     def log(self, name: str, value: float, step: int) -> None:
         self.log_dict({name: value}, step)
@@ -66,6 +73,7 @@ class MultiLogger(LoggerBase):
 
     def __init__(self, loggers: Sequence[Logger]) -> None:
         self.loggers = list(loggers)
+        self.takes_images = any(getattr(logger, "takes_images", False) for logger in self.loggers)
 
     def _each(self, method: str, *args) -> None:
         for logger in self.loggers:

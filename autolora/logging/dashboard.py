@@ -68,8 +68,9 @@ def log_step(
         return
     for name, g in gates.items():
         logger.log_histogram(f"gates/{name}", g, step)
-    fig = rank_heatmap(ranks, max_rank, f"ranks at step {step}")
-    logger.log_image("ranks/heatmap", figure_to_array(fig), step)
+    if logger.takes_images:
+        fig = rank_heatmap(ranks, max_rank, f"ranks at step {step}")
+        logger.log_image("ranks/heatmap", figure_to_array(fig), step)
 
 
 def log_summary(
@@ -82,7 +83,8 @@ def log_summary(
     last: Mapping[str, float] | None,
 ) -> None:
     """The end of a search: final gate heatmap, the rank table and the hyperparameters."""
-    logger.log_image("gates/final", figure_to_array(gate_heatmap(gates)), step)
+    if logger.takes_images:
+        logger.log_image("gates/final", figure_to_array(gate_heatmap(gates)), step)
     logger.log_text("rank_plan", rank_table(ranks), step)
     final = {
         "hparam/mean_rank": sum(ranks.values()) / len(ranks),
@@ -113,8 +115,9 @@ def log_confidence(logger: LoggerBase, step: int, confidence: Mapping[str, float
     logger.log_dict({f"confidence/{n}": float(c) for n, c in confidence.items()}, step)
     if not confidence:
         return
-    fig = rank_heatmap(confidence, 1.0, "confidence of each rank", label="confidence", fmt="{:.2f}")
-    logger.log_image("ranks/confidence", figure_to_array(fig), step)
+    if logger.takes_images:
+        fig = rank_heatmap(confidence, 1.0, "confidence of each rank", label="confidence", fmt="{:.2f}")
+        logger.log_image("ranks/confidence", figure_to_array(fig), step)
     text = rank_table(confidence, "{:.2f}")
     logger.log_text("rank_confidence", f"**warning:** {warning}\n\n{text}" if warning else text, step)
 

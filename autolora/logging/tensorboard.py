@@ -14,6 +14,8 @@ from autolora.logging.base import LoggerBase
 class TensorBoardLogger(LoggerBase):
     """TensorBoard event files in ``log_dir`` (needs the ``tensorboard`` package)."""
 
+    takes_images = True
+
     def __init__(self, log_dir: str | os.PathLike) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -36,6 +36,34 @@ def test_log_step_and_summary_write_plain_data(tmp_path):
     assert records[-1]["metrics"] == {"hparam/mean_rank": 1.5, "hparam/adapter_params": 48.0, "hparam/loss_val": 0.7}
 
 
+def test_figures_are_drawn_only_for_a_logger_that_stores_images(tmp_path, monkeypatch):
+    from autolora.logging import dashboard
+    from autolora.logging.base import LoggerBase, MultiLogger
+
+    drawn = []
+    monkeypatch.setattr(dashboard, "figure_to_array", lambda fig: drawn.append(fig) or fig)
+    images = []
+
+    class ImageLogger(LoggerBase):
+        takes_images = True
+
+        def log_image(self, name, image, step):
+            images.append(name)
+
+    gates, ranks = {"layer.0.q": [0.5, 0.5]}, {"layer.0.q": 2}
+    for logger in (JsonlLogger(tmp_path), NullLogger()):
+        log_step(logger, 1, {"loss/train": 1.0}, gates, ranks, max_rank=2)
+        log_summary(logger, 1, gates, ranks, 8, {}, None)
+        dashboard.log_confidence(logger, 1, {"layer.0.q": 0.9}, None)
+    assert drawn == []  # matplotlib costs tens of ms a figure: none for loggers that drop them
+    both = MultiLogger([JsonlLogger(tmp_path / "b"), ImageLogger()])
+    assert both.takes_images
+    log_step(both, 1, {"loss/train": 1.0}, gates, ranks, max_rank=2)
+    log_summary(both, 1, gates, ranks, 8, {}, None)
+    dashboard.log_confidence(both, 1, {"layer.0.q": 0.9}, None)
+    assert images == ["ranks/heatmap", "gates/final", "ranks/confidence"] and len(drawn) == 3
+
+
 def test_search_log_opens_once_and_reads_figures_only_when_it_draws(tmp_path):
     log = SearchLog(LoggingConfig(log_every=2), {"lr": 1})
     null = log.logger(main=True, modules=["fc1"])

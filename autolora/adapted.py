@@ -82,14 +82,21 @@ class AdaptedModel:
     def scores(self) -> dict[str, torch.Tensor]:
         """{module: component scores (max_rank,), descending}: the singular values of the module's
         gated update ``s * B diag(g) A`` relative to its base weight's RMS singular value (see
-        :mod:`autolora.plan.scores`). Unlike a gate, a score cannot be undone by A and B growing."""
+        :mod:`autolora.plan.scores`). Unlike a gate, a score cannot be undone by A and B growing.
+        Float32 tensors on the CPU."""
+        # The factors come to the CPU in one copy (one device sync): there a batch of (out, r) QRs
+        # and (r, r) SVDs takes microseconds, while on a GPU each linalg call is a solver launch
+        # and a sync (about 25 ms for the batched SVD on an H200, every logged step).
+        factors = {n: a.folded_factors() for n, a in self.adapters.items()}
+        flat = torch.cat([t.reshape(-1).float() for pair in factors.values() for t in pair]).cpu()
+        pieces = iter(flat.split([t.numel() for pair in factors.values() for t in pair]))
+        host = {n: tuple(next(pieces).view(t.shape) for t in pair) for n, pair in factors.items()}
         groups: dict[tuple, list[str]] = {}  # modules of one shape share one batched SVD
-        for n, a in self.adapters.items():
-            groups.setdefault((tuple(a.lora_A.shape), tuple(a.lora_B.shape), a.lora_A.dtype), []).append(n)
+        for n, (a, b) in host.items():
+            groups.setdefault((tuple(a.shape), tuple(b.shape)), []).append(n)
         out = {}
         for names in groups.values():
-            factors = [self.adapters[n].folded_factors() for n in names]
-            a_fold, b_fold = torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])
+            a_fold, b_fold = torch.stack([host[n][0] for n in names]), torch.stack([host[n][1] for n in names])
             refs = torch.tensor([self._base_rms[n] for n in names])
             out.update(zip(names, spectrum_scores(a_fold, b_fold, refs, a_fold.shape[1]).unbind()))
         return {n: out[n] for n in self.adapters}

@@ -37,19 +37,22 @@ def _first_dim(batch: Mapping) -> int | None:
     return None
 
 
-def check_labels(model: object, batch: object, what: str) -> None:
+def check_labels(model: object, batch: object, what: str, *, defer_range: bool = False) -> torch.Tensor | None:
     """Raise a ``DataError`` naming the problem if a batch's ``labels`` do not fit the model:
     a count other than the batch's, and for a Hugging Face sequence classifier the dtype (floats
-    would switch it to multi-label), the shape and the range of the classes."""
+    would switch it to multi-label), the shape and the range of the classes.
+
+    With ``defer_range`` the range of the classes is not read (that costs a device sync): the
+    return value is then a device bool, True when some class is out of range (else ``None``)."""
     if not isinstance(batch, Mapping) or not isinstance(batch.get("labels"), torch.Tensor):
-        return
+        return None
     labels, rows = batch["labels"], _first_dim(batch)
     if rows is not None and (labels.dim() == 0 or labels.shape[0] != rows):
         got = "a single value" if labels.dim() == 0 else f"{labels.shape[0]} labels"
         raise DataError(f"{what}: a batch of {rows} examples has {got}; give one label per example.")
     config = getattr(model, "config", None)
     if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
-        return
+        return None
     n, kind = int(config.num_labels), getattr(config, "problem_type", None)
     if kind == "multi_label_classification":
         if not labels.is_floating_point() or labels.dim() != 2 or labels.shape[1] != n:
@@ -67,12 +70,16 @@ def check_labels(model: object, batch: object, what: str) -> None:
             )
         if labels.dim() != 1:
             raise DataError(f"{what}: class labels must be shaped (batch,), got {_desc(labels)}.")
-        bad = labels[(labels != -100) & ((labels < 0) | (labels >= n))]
+        out_of_range = (labels != -100) & ((labels < 0) | (labels >= n))
+        if defer_range:
+            return out_of_range.any()
+        bad = labels[out_of_range]
         if bad.numel():
             raise DataError(
                 f"{what}: label {int(bad[0])} is out of range; the model has {n} classes (0 to {n - 1}). "
                 "Build the model with num_labels= the number of classes, or fix the labels."
             )
+    return None
 
 
 def _desc(t: torch.Tensor) -> str:
@@ -83,8 +90,13 @@ def check_label_batches(model: object, data: Iterable, what: str) -> None:
     """:func:`check_labels` on every batch of a list or tuple, and on the first of other data
     (a DataLoader is not iterated twice)."""
     if isinstance(data, (list, tuple)):
-        for i, batch in enumerate(data):
-            check_labels(model, batch, f"{what}[{i}]")
+        flags = [(i, check_labels(model, b, f"{what}[{i}]", defer_range=True)) for i, b in enumerate(data)]
+        flags = [(i, f) for i, f in flags if f is not None]
+        if flags:  # every batch's range in one device sync, not one each
+            hits = torch.stack([f.to(flags[0][1].device) for _, f in flags]).tolist()
+            for (i, _), hit in zip(flags, hits):
+                if hit:
+                    check_labels(model, data[i], f"{what}[{i}]")  # raises, naming the label
     else:
         for batch in data:
             check_labels(model, batch, f"{what} (first batch)")

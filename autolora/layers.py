@@ -105,7 +105,7 @@ class GatedLoRALinear(nn.Module):
     def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B') with the scale and gates folded into B': ``B' A == s * B diag(g) A``."""
         b = self.lora_B * (self.scale * self.gates()).unsqueeze(0)
-        return self.lora_A.detach().clone(), b.detach().clone()
+        return self.lora_A.detach().clone(), b.detach()
 
     @torch.no_grad()
     def shrink(self, keep: torch.Tensor) -> None:

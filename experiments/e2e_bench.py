@@ -16,8 +16,15 @@ Setting (state it with the table):
   The PEFT rows use ``glue_bench.train_peft``, the same loop as AutoLoRA's retrain.
 - Wall time per run (train + search), and the eval time apart.
 
-    python experiments/e2e_bench.py --out experiments/results/e2e.jsonl          # GPU, full
+    python experiments/e2e_bench.py --out experiments/results/e2e.jsonl          # GPU, full, one process
     python experiments/e2e_bench.py --cpu --limit 16 --dev-limit 8 --model runs/tiny-llama --out /tmp/e2e.jsonl
+
+In parallel (one process per method and seed, as on the GPU): ``autolora`` writes its ranks to
+``--ranks-dir`` right after pruning, and a ``shuffled`` process started beside it waits for that
+file, so the control trains while AutoLoRA retrains::
+
+    python experiments/e2e_bench.py --methods autolora --seeds 0 --ranks-dir runs/ranks --out e2e.jsonl &
+    python experiments/e2e_bench.py --methods shuffled --seeds 0 --ranks-dir runs/ranks --out e2e.jsonl &
 """
 
 from __future__ import annotations
@@ -95,34 +102,70 @@ def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
     return peft_model
 
 
+def ranks_file(args, seed: int) -> Path | None:
+    return None if args.ranks_dir is None else args.ranks_dir / f"autolora_ranks_seed{seed}.json"
+
+
+def wait_for_ranks(path: Path, timeout: float) -> dict[str, int]:
+    """AutoLoRA's ranks of this seed, once its process has pruned (polls ``path``)."""
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise SystemExit(f"no AutoLoRA ranks at {path} after {timeout:.0f}s; start the autolora run first")
+        time.sleep(2)
+    return json.loads(path.read_text())
+
+
 def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, refs, autolora_ranks) -> dict:
     torch.manual_seed(seed)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     model = load_model(resolve_source(args.model), "causal_lm").to(device)
     names = targets(model)
+    extra: dict = {}
     t0 = time.perf_counter()
     if method.startswith("lora-r"):
         ranks = dict.fromkeys(names, int(method.removeprefix("lora-r")))
         model = train_lora(model, ranks, train_batches, args, seed)
     elif method == "shuffled":
+        if not autolora_ranks:  # AutoLoRA ran in another process
+            autolora_ranks.update(wait_for_ranks(ranks_file(args, seed), args.wait))
+            t0 = time.perf_counter()
         kinds = {n: n.rsplit(".", 1)[-1] for n in autolora_ranks}  # same kind: same shape, same size
         ranks = permuted_ranks(autolora_ranks, shuffle_seed(seed), kinds)
         model = train_lora(model, ranks, train_batches, args, seed)
     else:
         t = AutoLoRATrainer(
-            model, max_rank=8, target_modules=names, hypergrad=args.hypergrad, seed=seed, progress=False
+            model,
+            max_rank=8,
+            target_modules=names,
+            lora_alpha=glue_bench.LORA_ALPHA,
+            lr=glue_bench.LR,
+            max_grad_norm=1.0,
+            seed=seed,
+            progress=False,
+            **({"hypergrad": args.hypergrad} if args.hypergrad else {}),
+            **({"autocast": "bf16"} if device.type == "cuda" else {}),
         )
         t.fit(train_batches, epochs=1)
+        glue_bench.synchronize(device)
+        extra["search_seconds"] = round(time.perf_counter() - t0, 1)
         ranks = t.prune(target_rank=4, min_rank=1)
-        t.retrain(train_batches, epochs=args.epochs)
         autolora_ranks.clear()
         autolora_ranks.update(ranks)
+        path = ranks_file(args, seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps(ranks))
+            path.with_suffix(".tmp").replace(path)  # whole file or none for the waiting control
+        extra |= {"ranks": ranks, "confidence": t.rank_record()["confidence"], "search_steps": t.state.step}
+        t.retrain(train_batches, epochs=args.epochs, lr=glue_bench.LR)
     glue_bench.synchronize(device)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = lm.dev_loss(model, dev_batches)
     mrs = list(refs)
-    hyps = decode(model, tokenizer, [args.template.format(prompt=m) for m in mrs], args.max_new_tokens, args.batch_size)
+    prompts = [args.template.format(prompt=m) for m in mrs]
+    hyps = decode(model, tokenizer, prompts, args.max_new_tokens, args.decode_batch_size)
     return {
         "method": method,
         "seed": seed,
@@ -132,6 +175,7 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
         "total_rank": sum(ranks.values()),
         "modules": len(ranks),
         "train_seconds": round(train_s, 1),
+        **extra,
         "eval_seconds": round(time.perf_counter() - t1, 1),
         "train_rows": args.limit,
         "dev_mrs": len(mrs),
@@ -152,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--hypergrad", default="darts")
+    ap.add_argument("--decode-batch-size", type=int, default=64)
+    ap.add_argument("--hypergrad", default=None, help="AutoLoRA's engine (default: the library's)")
+    ap.add_argument("--ranks-dir", type=Path, default=None, help="where autolora publishes its ranks per seed")
+    ap.add_argument("--wait", type=float, default=900, help="seconds a shuffled run waits for those ranks")
     ap.add_argument("--template", default="{prompt}\n")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (smoke runs)")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file; one row per (method, seed) is appended")
     args = ap.parse_args(argv)
-    if "shuffled" in args.methods and "autolora" not in args.methods:
-        ap.error("shuffled permutes AutoLoRA's ranks: include autolora (it runs first for each seed)")
+    if "shuffled" in args.methods and "autolora" not in args.methods and args.ranks_dir is None:
+        ap.error("shuffled permutes AutoLoRA's ranks: include autolora (it runs first), or give --ranks-dir")
     tokenizer = load_tokenizer(resolve_source(args.model))
     kw = {"prompt_column": "mr", "completion_column": "ref", "prompt_template": args.template}
     train = lm.load_lm_file(args.data / "trainset.csv", tokenizer, args.max_length, limit=args.limit, **kw)

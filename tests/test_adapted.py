@@ -48,3 +48,18 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     peft_model = load_peft(MLP(), tmp_path / "adapter")
     torch.testing.assert_close(peft_model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_of_mixed_shapes_equal_each_module_scored_alone():
+    from autolora.plan.scores import spectrum_scores
+
+    m = _adapted()  # fc1 and fc2 have different shapes: two groups, one host copy
+    with torch.no_grad():
+        for a in m.adapters.values():
+            a.lora_B.normal_()
+    scores = m.scores()
+    assert list(scores) == ["fc1", "fc2"]
+    for name, s in scores.items():
+        assert s.device.type == "cpu" and s.dtype == torch.float32 and s.shape == (4,)
+        a, b = m.adapters[name].folded_factors()
+        torch.testing.assert_close(s, spectrum_scores(a, b, m._base_rms[name], 4), rtol=1e-5, atol=1e-7)

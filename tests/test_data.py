@@ -57,7 +57,7 @@ def test_fit_and_retrain_data():
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        (lambda: torch.tensor([0, 1, 2, 1]), r"label 2 is out of range; the model has 2 classes"),
+        (lambda: torch.tensor([0, 1, 2, 1]), r"train_data\[1\]: label 2 is out of range; the model has 2 classes"),
         (lambda: torch.tensor([0.0, 1.0, 1.0, 0.0]), "floats would make Hugging Face train it as multi-label"),
         (lambda: torch.tensor([[0], [1], [1], [0]]), r"class labels must be shaped \(batch,\)"),
         (lambda: torch.tensor([0, 1, 1]), "a batch of 4 examples has 3 labels"),

@@ -174,6 +174,10 @@ def _with_new_defaults(saved: dict) -> dict:
     for section, values in defaults.items():
         if isinstance(out.get(section), dict):
             out[section] = {**values, **out[section]}
+    search = saved.get("search_config")
+    if isinstance(search, dict) and "darts_difference" not in search and search.get("hypergrad") == "darts":
+        # darts took the central difference before the field existed; the default is now forward
+        out["search_config"] = {**out["search_config"], "darts_difference": "central"}
     return out
 
 

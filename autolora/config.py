@@ -15,11 +15,13 @@ from autolora.errors import ConfigError
 
 GateKind = Literal["softmax", "sigmoid"]
 EngineName = Literal["first_order", "darts", "unrolled", "higher"]
+DartsDifference = Literal["forward", "central"]
 AutocastKind = Literal["bf16", "fp16"]
 LoggerName = Literal["tensorboard", "jsonl"]
 
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)  # the keys of autolora.search.hypergrad.ENGINES
+DARTS_DIFFERENCES: tuple[str, ...] = get_args(DartsDifference)
 AUTOCAST_KINDS: tuple[str, ...] = get_args(AutocastKind)
 LOGGER_NAMES: tuple[str, ...] = get_args(LoggerName)  # the keys of autolora.logging.LOGGERS
 
@@ -133,7 +135,14 @@ class SearchConfig:
             layer's softmax gates, or L1 of sigmoid gates). Never part of ``hypergradient()``.
         selector_every: Take a selector step every k weight steps (k = 1 is the paper; the
             default 4 gave the same seed agreement on GLUE at a quarter of the selector passes).
-        fd_epsilon: DARTS finite-difference radius: eps = fd_epsilon / ||v||.
+        fd_epsilon: DARTS finite-difference radius: eps = fd_epsilon / ||v||, so the weights
+            move by fd_epsilon in 2-norm.
+        darts_difference: How ``darts`` differences grad_beta L_train along v. ``"forward"``
+            (the default) reuses the train step's own backward for the point w and adds one pass
+            at w + eps v: 3 passes per selector step, truncation error O(eps). ``"central"``
+            (the paper's code) takes w + eps v and w - eps v: 4 passes, error O(eps^2). At the
+            default fd_epsilon both errors are far below the gap between ``darts`` and
+            ``first_order`` (tests/search/test_hypergrad.py measures them).
         val_fraction: With ``val_data=None``, this fraction of the train batches (rounded
             down, at least 1) becomes validation data, once, with ``seed``.
         seed: Seeds adapter init, the train/validation split and dropout.
@@ -162,6 +171,7 @@ class SearchConfig:
     sparsity: float = 0.0
     selector_every: int = 4
     fd_epsilon: float = 0.01
+    darts_difference: DartsDifference = "forward"
     val_fraction: float = 0.3
     seed: int = 0
     autocast: AutocastKind | None = None
@@ -194,6 +204,7 @@ class SearchConfig:
         check_positive("sparsity", self.sparsity, allow_zero=True)
         check_int("selector_every", self.selector_every, minimum=1)
         check_positive("fd_epsilon", self.fd_epsilon)
+        check_choice("darts_difference", self.darts_difference, DARTS_DIFFERENCES)
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid; it must be in (0, 1).")
         check_int("seed", self.seed, minimum=0)

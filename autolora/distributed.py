@@ -1,9 +1,10 @@
 """Data parallelism on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
 Each process passes its own shard of the data. Every gradient of the bilevel step (the train
-gradient, the validation gradient, DARTS's finite-difference passes) is averaged across
-processes where it is computed (:meth:`~autolora.search.bilevel.Bilevel.value_and_grad`), so each
-process takes the step the single-process maths would take on the union of the shards.
+gradient, with its selector part on a DARTS step, the validation gradient, DARTS's
+finite-difference pass) is averaged across processes where it is computed
+(:meth:`~autolora.search.bilevel.Bilevel.value_and_grad`), so each process takes the step the
+single-process maths would take on the union of the shards.
 """
 
 from __future__ import annotations

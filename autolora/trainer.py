@@ -132,7 +132,9 @@ class AutoLoRATrainer(AdaptedModel):
             {module: tensor shaped and typed like its selector}.
         """
         self._check_searchable("hypergradient()")
-        return hypergradient(self.search, train_batch, val_batch, self.engine if engine is None else get_engine(engine))
+        s = self.search.config
+        chosen = self.engine if engine is None else get_engine(engine, darts_difference=s.darts_difference)
+        return hypergradient(self.search, train_batch, val_batch, chosen)
 
     # ----------------------------------------------------------------------------- search
     def _init_distributed(self, train_data, val_data) -> None:

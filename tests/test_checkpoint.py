@@ -241,3 +241,20 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
     assert resumed.state.step == first.state.step
     with pytest.raises(StateError, match=r"different model or config.*search_config"):
         _trainer(stop_when_stable=3).load_checkpoint(tmp_path)
+
+
+def test_a_darts_checkpoint_from_before_darts_difference_is_a_central_one(tmp_path):
+    """darts differenced centrally before ``darts_difference`` existed, so such a checkpoint
+    resumes with ``darts_difference="central"`` and is refused under the new default."""
+    import json
+
+    first = _trainer(darts_difference="central").fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
+    (manifest,) = tmp_path.glob("step-*/checkpoint.json")
+    record = json.loads(manifest.read_text())
+    del record["fingerprint"]["search_config"]["darts_difference"]  # as an older version wrote it
+    manifest.write_text(json.dumps(record))
+    resumed = _trainer(darts_difference="central")
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.state.step == first.state.step
+    with pytest.raises(StateError, match=r"'darts_difference': 'central'.* vs now .*'darts_difference': 'forward'"):
+        _trainer().load_checkpoint(tmp_path)

@@ -28,6 +28,7 @@ from tests.conftest import bert
         (SearchConfig, {"selector_betas": (0.5,)}, "selector_betas=(0.5,) is invalid"),
         (SearchConfig, {"selector_every": 0}, "selector_every=0 is invalid"),
         (SearchConfig, {"fd_epsilon": 0}, "fd_epsilon=0 is invalid"),
+        (SearchConfig, {"darts_difference": "backward"}, "darts_difference='backward' is not supported"),
         (SearchConfig, {"val_fraction": 1}, "val_fraction=1 is invalid"),
         (SearchConfig, {"seed": -1}, "seed=-1 is invalid"),
         (SearchConfig, {"autocast": "fp8"}, "autocast='fp8' is not supported"),

@@ -8,16 +8,22 @@ at the current weights w, with xi the step of a plain SGD virtual step (no weigh
 clipping or regulariser). They differ in how exactly they compute it:
 
 - ``first_order``: grad_beta L_val(w, beta), the xi -> 0 limit (1 extra pass).
-- ``darts``: finite differences (DARTS), w' = w - xi g, v = grad_w L_val(w'), eps = c / ||v||:
-  h = grad_beta L_val(w') - xi * [grad_beta L_tr(w + eps v) - grad_beta L_tr(w - eps v)] / (2 eps)
-  (3 extra passes). The paper's code omits the factor xi; it is included here.
+- ``darts``: finite differences (DARTS), w' = w - xi g, v = grad_w L_val(w'), eps = c / ||v||,
+  h = grad_beta L_val(w') - xi * D, where D differences f(t) = grad_beta L_tr(w + t v), whose
+  slope f'(0) is the mixed product grad^2_{beta,w} L_tr(w) v. Forward (the default), with f(0)
+  from the train step's own backward: D = [f(eps) - f(0)] / eps = f'(0) + eps f''(0) / 2 +
+  O(eps^2) (2 extra passes). Central (the paper's code): D = [f(eps) - f(-eps)] / (2 eps) =
+  f'(0) + eps^2 f^(3)(0) / 6 + O(eps^4) (3 extra passes). As ||eps v|| = c, the errors relative
+  to the mixed product are O(c) and O(c^2). The paper's code omits the factor xi; it is
+  included here.
 - ``unrolled``: exact, by double backward through the step's own train gradient (built with
   ``create_graph=True``) and ``torch.func.functional_call`` over fast weights.
 - ``higher``: exact, through the ``higher`` library's differentiable SGD; an independent
   cross-check of ``unrolled`` that users know.
 
-Each engine gets the train gradient g = grad_w L_train(w, beta) the weight step already computed,
-and returns the selector gradients plus the validation loss it saw.
+Each engine gets the train gradient g = grad_w L_train(w, beta) the weight step already computed
+(and, if it asks, grad_beta L_train(w, beta) from the same backward), and returns the selector
+gradients plus the validation loss it saw.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from autolora.config import ENGINE_NAMES
+from autolora.config import ENGINE_NAMES, DartsDifference
 from autolora.errors import ConfigError
 from autolora.search.bilevel import Bilevel, RngSnapshot, grads_or_zeros, math_attention
 
@@ -53,11 +59,15 @@ class Engine(Protocol):
             parallelism or gradient checkpointing (:func:`check_capabilities`).
         graph_train_grads: Needs the step's train gradient built with ``create_graph=True``.
         replays_train_pass: Re-runs the train forward and needs its RNG state (dropout masks).
+        wants_train_selector_grads: Needs grad_beta L_train(w) too, which the step's train
+            backward then computes alongside g (only on selector steps) and passes as
+            ``train_selector_grads``.
     """
 
     second_order: bool
     graph_train_grads: bool
     replays_train_pass: bool
+    wants_train_selector_grads: bool
 
     def __call__(
         self,
@@ -69,6 +79,7 @@ class Engine(Protocol):
         xi: float,
         fd_epsilon: float,
         train_rng: RngSnapshot | None,
+        train_selector_grads: Sequence[torch.Tensor] | None,
     ) -> Hypergrad: ...
 
 
@@ -80,6 +91,7 @@ class FunctionEngine:
     second_order: bool
     graph_train_grads: bool
     replays_train_pass: bool = False
+    wants_train_selector_grads: bool = False
 
     def __call__(self, problem, train_batches, val_batches, train_grads, **kwargs) -> Hypergrad:
         return self.fn(problem, train_batches, val_batches, train_grads, **kwargs)
@@ -106,8 +118,18 @@ def _virtual_validation(problem: Bilevel, val_batches, train_grads, xi: float):
 
 
 def _darts(
-    problem: Bilevel, train_batches, val_batches, train_grads, *, xi: float, fd_epsilon: float, train_rng: RngSnapshot
+    problem: Bilevel,
+    train_batches,
+    val_batches,
+    train_grads,
+    *,
+    xi: float,
+    fd_epsilon: float,
+    train_rng: RngSnapshot,
+    train_selector_grads: Sequence[torch.Tensor] | None,
+    **_,
 ) -> Hypergrad:
+    # the forward difference from the step's f(0) = grad_beta L_tr(w) when given, else central
     val_loss, v, direct = _virtual_validation(problem, val_batches, train_grads, xi)
     norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)).double()))  # the one sync
     if xi == 0 or not math.isfinite(norm) or norm == 0:
@@ -116,15 +138,19 @@ def _darts(
 
     w = [p.detach() for p in problem.weights]
 
-    def train_selector_grads(sign: float) -> tuple[torch.Tensor, ...]:
+    def train_selector_grads_at(sign: float) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             w_shift = torch._foreach_add(w, v, alpha=sign * eps)
         with train_rng.replay():  # the same dropout masks as the train step's gradient
             return problem.value_and_grad(train_batches, problem.selectors, w_shift)[1]
 
-    plus, minus = train_selector_grads(+1.0), train_selector_grads(-1.0)
-    scale = xi / (2 * eps)
-    hyper = tuple(d - scale * (p - m) for d, p, m in zip(direct, plus, minus))
+    plus = train_selector_grads_at(+1.0)
+    if train_selector_grads is None:
+        base, span = train_selector_grads_at(-1.0), 2 * eps
+    else:
+        base, span = tuple(train_selector_grads), eps
+    scale = xi / span
+    hyper = tuple(d - scale * (p - m) for d, p, m in zip(direct, plus, base))
     return Hypergrad(hyper, val_loss)
 
 
@@ -188,25 +214,35 @@ def _higher(
 
 
 # The one registry of engines; SearchConfig.hypergrad accepts its keys (config.EngineName).
+# "darts" is the forward difference; DARTS_CENTRAL below is darts_difference="central".
 ENGINES: dict[str, Engine] = {
     "first_order": FunctionEngine(_first_order, second_order=False, graph_train_grads=False),
-    "darts": FunctionEngine(_darts, second_order=False, graph_train_grads=False, replays_train_pass=True),
+    "darts": FunctionEngine(
+        _darts, second_order=False, graph_train_grads=False, replays_train_pass=True, wants_train_selector_grads=True
+    ),
     "unrolled": FunctionEngine(_unrolled, second_order=True, graph_train_grads=True),
     # higher takes its own differentiable step, so the step's gradient needs no graph
     "higher": FunctionEngine(_higher, second_order=True, graph_train_grads=False, replays_train_pass=True),
 }
 assert tuple(ENGINES) == ENGINE_NAMES, "EngineName in config.py lists the keys of ENGINES"
+# without grad_beta L_train(w) from the step, _darts takes the central difference
+DARTS_CENTRAL: Engine = FunctionEngine(_darts, second_order=False, graph_train_grads=False, replays_train_pass=True)
 
 
-def get_engine(name: str) -> Engine:
-    """The engine called ``name``.
+def _registered(name: str) -> Engine:
+    if name not in ENGINES:
+        raise ConfigError(f"hypergrad={name!r} is not an engine; choose one of {', '.join(map(repr, ENGINES))}.")
+    return ENGINES[name]
+
+
+def get_engine(name: str, *, darts_difference: DartsDifference) -> Engine:
+    """The engine called ``name``; for ``"darts"``, the one of ``darts_difference``.
 
     Raises:
         ConfigError: for an unknown name, listing the known ones.
     """
-    if name not in ENGINES:
-        raise ConfigError(f"hypergrad={name!r} is not an engine; choose one of {', '.join(map(repr, ENGINES))}.")
-    return ENGINES[name]
+    engine = _registered(name)
+    return DARTS_CENTRAL if name == "darts" and darts_difference == "central" else engine
 
 
 def check_capabilities(name: str, *, data_parallel: bool = False, checkpointing: bool = False) -> None:
@@ -216,7 +252,7 @@ def check_capabilities(name: str, *, data_parallel: bool = False, checkpointing:
     Raises:
         ConfigError: naming the engine and what to use instead.
     """
-    if not get_engine(name).second_order:
+    if not _registered(name).second_order:
         return
     if checkpointing:
         raise ConfigError(
@@ -250,17 +286,30 @@ def meta_gradients(
     their gradients are accumulated. Only a train forward that will be differentiated twice (the
     ``create_graph`` train gradient of ``unrolled``, ``higher``'s own train pass) runs with math
     attention: the double backward goes through that pass alone, so every other forward, the
-    validation passes included, keeps the fused kernels. With ``engine=None`` only the weight gradient is computed (a step
-    without a selector update).
+    validation passes included, keeps the fused kernels. With ``engine=None`` only the weight
+    gradient is computed (a step without a selector update); only an engine that asks for it
+    (``darts``' forward difference) gets grad_beta L_train(w) from that same backward.
     """
     graph = engine is not None and engine.graph_train_grads
     replays = engine is not None and engine.replays_train_pass
     train_rng = RngSnapshot(list({p.device for p in problem.weights})) if replays else None
+    # the selectors are more inputs of the same forward: one backward gives g and grad_beta L_train
+    with_selectors = engine is not None and engine.wants_train_selector_grads
+    inputs = [*problem.weights, *problem.selectors] if with_selectors else problem.weights
     with math_attention() if graph else contextlib.nullcontext():
-        train_loss, weight_grads = problem.value_and_grad(train_batches, problem.weights, create_graph=graph)
+        train_loss, grads = problem.value_and_grad(train_batches, inputs, create_graph=graph)
+    n = len(problem.weights)
+    weight_grads, train_selector_grads = grads[:n], (grads[n:] if with_selectors else None)
     hyper = None
     if engine is not None:
         hyper = engine(
-            problem, train_batches, val_batches, weight_grads, xi=xi, fd_epsilon=fd_epsilon, train_rng=train_rng
+            problem,
+            train_batches,
+            val_batches,
+            weight_grads,
+            xi=xi,
+            fd_epsilon=fd_epsilon,
+            train_rng=train_rng,
+            train_selector_grads=train_selector_grads,
         )
     return MetaGrads(train_loss.detach(), tuple(g.detach() for g in weight_grads), hyper)

@@ -142,7 +142,7 @@ def build_search(
     # the verdict a step later; float16 needs its loss scale at once, so it settles every step
     optimisers = [o for o in (weight_opt, selector_opt) if o is not None]
     defer = bool(optimisers) and all(o.defaults.get("fused") for o in optimisers) and config.autocast != "fp16"
-    engine = get_engine(config.hypergrad)
+    engine = get_engine(config.hypergrad, darts_difference=config.darts_difference)
     return Search(problem, adapters, config, engine, state, guard, weight_opt, selector_opt, defer)
 
 

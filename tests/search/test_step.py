@@ -105,3 +105,40 @@ def test_fp16_overflow_halves_the_loss_scale_and_skips():
     nan_loss = MetaGrads(torch.tensor(float("nan")), (g,), None)
     with pytest.raises(NonFiniteError, match="train loss"):
         check(search, nan_loss, 2)  # a non-finite *loss* is not an overflow
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize(("difference", "passes"), [("forward", 3), ("central", 4)])
+def test_darts_passes_per_step(difference, passes, micro_batches):
+    """A darts selector step runs 3 forward passes per micro-batch (4 with the central
+    difference); a plain step runs one and never differentiates the selectors."""
+    forwards, selector_grads = [0], [0]
+
+    def counting_loss(model, batch):
+        forwards[0] += 1
+        return mlp_loss(model, batch)
+
+    t = AutoLoRATrainer(
+        MLP(),
+        max_rank=4,
+        target_modules=["fc1", "fc2"],
+        loss_fn=counting_loss,
+        hypergrad="darts",
+        darts_difference=difference,
+        selector_every=2,
+    )
+    for a in t.adapters.values():  # fires whenever a backward computes a selector's gradient
+        a.selector.register_hook(lambda g: selector_grads.__setitem__(0, selector_grads[0] + 1))
+    batches = mlp_batches(2 * micro_batches)
+    train, val = batches[:micro_batches], batches[micro_batches:]
+
+    def counts(val_batches):
+        forwards[0] = selector_grads[0] = 0
+        take_step(t.search, train, val_batches)
+        settle(t.search)
+        return forwards[0], selector_grads[0]
+
+    assert counts(None) == (micro_batches, 0)  # plain step: the train pass alone, weights only
+    assert selector_due(t.search)
+    # every pass of a selector step differentiates the selectors: 2 adapters per backward
+    assert counts(val) == (passes * micro_batches, 2 * 3 * micro_batches)

@@ -105,3 +105,17 @@ def test_fp16_overflow_halves_the_loss_scale_and_skips():
     nan_loss = MetaGrads(torch.tensor(float("nan")), (g,), None)
     with pytest.raises(NonFiniteError, match="train loss"):
         check(search, nan_loss, 2)  # a non-finite *loss* is not an overflow
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_sparsity_gradients_stacked_by_shape_equal_the_per_module_sum(kind):
+    """Selectors of one shape share one stacked penalty; the gradients are each module's own."""
+    from autolora.gates import sparsity_penalty
+    from autolora.search.step import sparsity_gradients
+
+    gen = torch.Generator().manual_seed(0)
+    selectors = [torch.randn(r, generator=gen, dtype=torch.float64, requires_grad=True) for r in (4, 4, 2, 4, 2)]
+    got = sparsity_gradients(selectors, [kind] * len(selectors))
+    for b, g in zip(selectors, got):
+        (reference,) = torch.autograd.grad(sparsity_penalty(b, kind), [b])
+        torch.testing.assert_close(g, reference, rtol=1e-12, atol=1e-14)

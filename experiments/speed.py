@@ -12,6 +12,16 @@ rounds), and round 1 also counts each case's kernels and device busy time with t
     python experiments/speed.py --cases peft_lora,plain,first_order --iters 40
     python experiments/speed.py --profile darts --profile-out /tmp/profile_darts.txt
 
+Many modules (issue 18): ``--model-shape smollm2`` times a SmolLM2-135M shape instead (a random
+``LlamaForCausalLM``: 30 layers of hidden 576, GQA 9/3 heads, tied embeddings, all seven linear
+kinds adapted = 210 modules, batch 16 x 128, causal-LM loss, max_rank 16 against PEFT LoRA r=16);
+``--model-shape roberta,smollm2`` runs both in one invocation, each shape against its own PEFT
+LoRA within each round, into one table file (a section per shape). ``higher`` cannot run Llama
+(its patched modules break on Llama's re-created submodules); leave it out for that shape.
+
+    python experiments/speed.py --model-shape roberta,smollm2 --rounds 2 --iters 12 \
+        --cases peft_lora,plain,first_order,first_order_every4,darts,unrolled
+
 CPU mode (``--cpu-small``): a small BERT (hidden 128, 4 layers, 4 heads, intermediate 512),
 batch 16 x 64, max_rank 16, fp32 on CPU; times ``trainer.fit(train, val, epochs=1)`` end to end
 (30 train and 10 validation batches) against a plain PEFT LoRA r=16 loop over the same batches.
@@ -22,6 +32,7 @@ Smoke test without a GPU (a tiny model, a few iterations, every case and code pa
 CUDA-only calls):
 
     python experiments/speed.py --device cpu --tiny
+    python experiments/speed.py --device cpu --tiny --model-shape roberta,smollm2
     python experiments/speed.py --device cpu --tiny --profile darts --profile-out /tmp/p.txt
     python experiments/speed.py --cpu-small --tiny
 

@@ -119,3 +119,15 @@ def test_sparsity_gradients_stacked_by_shape_equal_the_per_module_sum(kind):
     for b, g in zip(selectors, got):
         (reference,) = torch.autograd.grad(sparsity_penalty(b, kind), [b])
         torch.testing.assert_close(g, reference, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["first_order", "darts", "unrolled"])
+def test_weight_gradients_carry_no_graph(engine):
+    """Detached where the engine built them with a graph (unrolled), as they come otherwise."""
+    from autolora.search.step import gradients
+
+    _, search = _search(fused=False, engine=engine)
+    batches = mlp_batches(2)
+    meta = gradients(search, [batches[0]], [batches[1]], search.engine)
+    assert all(g.grad_fn is None and not g.requires_grad for g in meta.weight_grads)
+    assert meta.train_loss.grad_fn is None

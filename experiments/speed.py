@@ -19,7 +19,7 @@ kinds adapted = 210 modules, batch 16 x 128, causal-LM loss, max_rank 16 against
 LoRA within each round, into one table file (a section per shape). ``higher`` cannot run Llama
 (its patched modules break on Llama's re-created submodules); leave it out for that shape.
 
-    python experiments/speed.py --model-shape roberta,smollm2 --rounds 2 --iters 12 \
+    python experiments/speed.py --model-shape roberta,smollm2 --rounds 2 --iters 12 --warmup 3 \
         --cases peft_lora,plain,first_order,first_order_every4,darts,unrolled
 
 CPU mode (``--cpu-small``): a small BERT (hidden 128, 4 layers, 4 heads, intermediate 512),

@@ -37,7 +37,8 @@ def default_threshold(kind: str, rank: int) -> float:
 
 
 def sparsity_penalty(selector: torch.Tensor, kind: str) -> torch.Tensor:
-    """A regulariser that rewards fewer active components in one layer (a scalar).
+    """A regulariser that rewards fewer active components in one layer (a scalar); for stacked
+    selectors (n, r), the sum of the n layers' penalties.
 
     With softmax gates an L1 term is constant (the gates sum to 1), so it does nothing. The
     entropy ``-sum g log g`` is largest for uniform gates and zero for a single active

@@ -12,6 +12,16 @@ rounds), and round 1 also counts each case's kernels and device busy time with t
     python experiments/speed.py --cases peft_lora,plain,first_order --iters 40
     python experiments/speed.py --profile darts --profile-out /tmp/profile_darts.txt
 
+Many modules (issue 18): ``--model-shape smollm2`` times a SmolLM2-135M shape instead (a random
+``LlamaForCausalLM``: 30 layers of hidden 576, GQA 9/3 heads, tied embeddings, all seven linear
+kinds adapted = 210 modules, batch 16 x 128, causal-LM loss, max_rank 16 against PEFT LoRA r=16);
+``--model-shape roberta,smollm2`` runs both in one invocation, each shape against its own PEFT
+LoRA within each round, into one table file (a section per shape). ``higher`` cannot run Llama
+(its patched modules break on Llama's re-created submodules); leave it out for that shape.
+
+    python experiments/speed.py --model-shape roberta,smollm2 --rounds 2 --iters 12 --warmup 3 \
+        --cases peft_lora,plain,first_order,first_order_every4,darts,unrolled
+
 CPU mode (``--cpu-small``): a small BERT (hidden 128, 4 layers, 4 heads, intermediate 512),
 batch 16 x 64, max_rank 16, fp32 on CPU; times ``trainer.fit(train, val, epochs=1)`` end to end
 (30 train and 10 validation batches) against a plain PEFT LoRA r=16 loop over the same batches.
@@ -22,6 +32,7 @@ Smoke test without a GPU (a tiny model, a few iterations, every case and code pa
 CUDA-only calls):
 
     python experiments/speed.py --device cpu --tiny
+    python experiments/speed.py --device cpu --tiny --model-shape roberta,smollm2
     python experiments/speed.py --device cpu --tiny --profile darts --profile-out /tmp/p.txt
     python experiments/speed.py --cpu-small --tiny
 
@@ -50,6 +61,7 @@ from speedcases import (
     CASES,
     CPU_SMALL_CASES,
     SETUPS,
+    SHAPES,
     Bench,
     Setup,
     free_memory,
@@ -165,35 +177,30 @@ def bounds_table(summary: list[dict[str, Any]], max_rank: int) -> list[str]:
     return lines
 
 
-def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info: dict[str, Any]) -> None:
+def run_gpu_mode(args: argparse.Namespace, benches: list[Bench], names: list[str], info: dict[str, Any]) -> None:
     rows = []
     for round_ in range(args.rounds):  # all cases back to back, the whole sequence `rounds` times
-        for name in names:
-            case = CASES[name]
-            iters = -(-args.iters // case.block) * case.block  # whole blocks
-            warmup = max(args.warmup, case.block)  # every kind of iteration is warm, optimisers built
-            row = {"round": round_} | run_case(name, bench, iters, warmup, kernels=round_ == 0)
-            print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
-            rows.append(row)
-    summary = summarise(rows)
+        for bench in benches:  # each setup's cases against that setup's PEFT LoRA, in the same round
+            for name in names:
+                case = CASES[name]
+                iters = -(-args.iters // case.block) * case.block  # whole blocks
+                warmup = max(args.warmup, case.block)  # every kind of iteration is warm, optimisers built
+                row = {"round": round_, "setup": bench.setup.name}
+                row |= run_case(name, bench, iters, warmup, kernels=round_ == 0)
+                print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
+                rows.append(row)
     info["loadavg_end"] = load_average()
-    s = bench.setup
+    summaries, sections = [], []
+    for bench in benches:
+        own = [r for r in rows if r["setup"] == bench.setup.name]
+        summary = [r | {"setup": bench.setup.name} for r in summarise(own)]
+        summaries += summary
+        sections.append(gpu_section(args, bench, own, summary, heading=len(benches) > 1))
     lines = [
         "# autolora speed and memory",
         "",
         *header_lines(info),
-        f"- setup: `{s.name}` random weights, batch {s.batch} × {s.length} tokens, targets "
-        f"{'/'.join(s.targets)}, max_rank {s.max_rank}, lr {bench.lr:g}, "
-        f"{'bf16 autocast over fp32 parameters' if bench.autocast else 'fp32'}, {len(bench.train)} train / "
-        f"{len(bench.val)} validation batches cycled, ≥ {args.iters} timed iterations after ≥ {args.warmup} "
-        f"warm-up, synchronised per iteration; the whole case sequence run {args.rounds} times",
-        "",
-        *gpu_table(summary, s.max_rank),
-        "",
-        "What bounds the time (fastest block of iterations over all rounds; kernels and device busy time "
-        "from torch.profiler over two more iterations, or two 4-step blocks, in round 1):",
-        "",
-        *bounds_table(summary, s.max_rank),
+        *[line for section in sections for line in section],
         "",
         "Notes:",
         "",
@@ -210,7 +217,15 @@ def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info:
         "- peak MiB is `torch.cuda.max_memory_allocated` over the whole case (model build, warm-up and "
         "timed steps); each case builds its own model and everything is freed (gc, `empty_cache`, "
         "`reset_peak_memory_stats`) in between. Allocated before each case, round 1 (MiB): "
-        + ", ".join(f"{r['case']} {fmt(r['baseline_mib'], '.1f')}" for r in rows if r["round"] == 0)
+        + "; ".join(
+            (f"`{b.setup.name}`: " if len(benches) > 1 else "")
+            + ", ".join(
+                f"{r['case']} {fmt(r['baseline_mib'], '.1f')}"
+                for r in rows
+                if r["round"] == 0 and r["setup"] == b.setup.name
+            )
+            for b in benches
+        )
         + ".",
         "- autocast: " + "; ".join(sorted({f"{r['autocast_mode']}" for r in rows if r.get("autocast_mode")})) + ".",
         "- AdaLoRA: init_r 12 → target_r 8, tinit = tfinal = 0 (every timed step is in the budgeting phase), "
@@ -220,7 +235,39 @@ def run_gpu_mode(args: argparse.Namespace, bench: Bench, names: list[str], info:
         "step's losses (as `fit` does per step; ranks and counts are built on logged steps only).",
         *NOTES,
     ]
-    write_outputs(args.out, lines, rows + summary, info)
+    write_outputs(args.out, lines, rows + summaries, info)
+
+
+def gpu_section(
+    args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]], summary: list[dict[str, Any]], heading: bool
+) -> list[str]:
+    """One setup's description and tables (under its own heading when the run has several)."""
+    s = bench.setup
+    lines = ["", f"## `{s.name}`", ""] if heading else []
+    lines += [
+        f"- setup: `{s.name}` random weights, batch {s.batch} × {s.length} tokens, targets "
+        f"{'/'.join(s.targets)}, max_rank {s.max_rank}, lr {bench.lr:g}, "
+        f"{'bf16 autocast over fp32 parameters' if bench.autocast else 'fp32'}, {len(bench.train)} train / "
+        f"{len(bench.val)} validation batches cycled, ≥ {args.iters} timed iterations after ≥ {args.warmup} "
+        f"warm-up, synchronised per iteration; the whole case sequence run {args.rounds} times",
+    ]
+    if s.causal:
+        config = ", ".join(f"{k} {v}" for k, v in s.config.items())
+        lines.append(
+            f"- model: `LlamaForCausalLM` ({config}; sdpa attention), causal-LM loss with labels = input ids; "
+            f"{len(s.targets)} linear kinds × {s.config['num_hidden_layers']} layers = "
+            f"{len(s.targets) * s.config['num_hidden_layers']} adapted modules, no modules_to_save"
+        )
+    lines += [
+        "",
+        *gpu_table(summary, s.max_rank),
+        "",
+        "What bounds the time (fastest block of iterations over all rounds; kernels and device busy time "
+        "from torch.profiler over two more iterations, or two 4-step blocks, in round 1):",
+        "",
+        *bounds_table(summary, s.max_rank),
+    ]
+    return lines
 
 
 # What each change to the step was predicted to do before it was measured, and what it did.
@@ -492,10 +539,10 @@ def write_outputs(out: str | None, lines: list[str], rows: list[dict[str, Any]],
 
 @dataclass
 class Plan:
-    """Resolved options: mode, setup and case list."""
+    """Resolved options: mode, setups and case list."""
 
     mode: str  # "gpu" | "cpu-small" | "profile"
-    setup: Setup
+    setups: list[Setup]
     device: torch.device
     autocast: str | None
     cases: list[str] = field(default_factory=list)
@@ -504,6 +551,12 @@ class Plan:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=None, help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument(
+        "--model-shape",
+        default=None,
+        help=f"GPU and profile modes: comma-separated shapes of {', '.join(SHAPES)}, run in one invocation, "
+        "each against its own PEFT LoRA (default roberta; with --tiny, each shape's tiny version)",
+    )
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per case (default 20; tiny 4)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations per case (default 5; tiny 1)")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -535,6 +588,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error("--iters, --repeats and --profile-iters must be >= 1, --warmup >= 0")
     if args.profile is not None and args.profile not in CASES:
         ap.error(f"--profile {args.profile!r}: choose one of {', '.join(CASES)}")
+    shapes = [x.strip() for x in (args.model_shape or "roberta").split(",") if x.strip()]
+    unknown = [x for x in shapes if x not in SHAPES]
+    if unknown or not shapes or len(set(shapes)) < len(shapes):
+        ap.error(f"--model-shape {args.model_shape!r}: give distinct shapes of {', '.join(SHAPES)}")
+    if args.cpu_small and args.model_shape is not None:
+        ap.error("--model-shape is for the GPU and profile modes; --cpu-small always times its small BERT")
+    if args.profile is not None and len(shapes) > 1:
+        ap.error("--profile takes one --model-shape")
+    args.shapes = shapes
     return args
 
 
@@ -542,12 +604,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     mode = "profile" if args.profile else "cpu-small" if args.cpu_small else "gpu"
     if args.cpu_small:
         device = torch.device(args.device or "cpu")
-        setup = SETUPS["bert-tiny" if args.tiny else "bert-small"]
+        setups = [SETUPS["bert-tiny" if args.tiny else "bert-small"]]
         default_cases = list(CPU_SMALL_CASES)
         default_out = None if args.tiny else "experiments/results/speed_cpu.md"
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        setup = SETUPS["roberta-tiny" if args.tiny else "roberta-base"]
+        setups = [SETUPS[SHAPES[shape][1 if args.tiny else 0]] for shape in args.shapes]
         default_cases = list(CASES)
         default_out = None if args.tiny else "experiments/results/speed.md"
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -559,43 +621,46 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.out is None and default_out is not None:
         args.out = str(ROOT / default_out)
     autocast = args.autocast or ("bf16" if device.type == "cuda" and not args.cpu_small else "none")
-    return Plan(mode, setup, device, None if autocast == "none" else autocast, cases)
+    return Plan(mode, setups, device, None if autocast == "none" else autocast, cases)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     plan = resolve(args)
-    setup, device = plan.setup, plan.device
+    device = plan.device
     if plan.mode == "gpu" and device.type == "cpu" and not args.tiny:
-        print("warning: the full RoBERTa-base setup on CPU is very slow; use --tiny for a smoke run", file=sys.stderr)
+        print("warning: the full-size setups on CPU are very slow; use --tiny for a smoke run", file=sys.stderr)
     if plan.autocast is not None and not trainer_accepts_autocast():
         print(
             "note: AutoLoRATrainer has no autocast= option yet; autolora cases run under an outer "
             "torch.autocast around trainer.step / fit instead",
             file=sys.stderr,
         )
-    gen = torch.Generator().manual_seed(args.seed)
-    # steps any case may take: warm-up + timed (rounded to blocks), or one epoch for --cpu-small
-    total = setup.n_train if plan.mode == "cpu-small" else max(args.warmup, 4) + args.iters + 4
-    if plan.mode == "profile":
-        total += args.profile_iters
-    bench = Bench(
-        setup=setup,
-        device=device,
-        autocast=plan.autocast,
-        lr=args.lr,
-        seed=args.seed,
-        train=make_batches(setup, setup.n_train, gen, device),
-        val=make_batches(setup, setup.n_val, gen, device),
-        total_steps=total,
-    )
+    benches = []
+    for setup in plan.setups:
+        gen = torch.Generator().manual_seed(args.seed)  # each setup's batches as if it ran alone
+        # steps any case may take: warm-up + timed (rounded to blocks), or one epoch for --cpu-small
+        total = setup.n_train if plan.mode == "cpu-small" else max(args.warmup, 4) + args.iters + 4
+        if plan.mode == "profile":
+            total += args.profile_iters
+        bench = Bench(
+            setup=setup,
+            device=device,
+            autocast=plan.autocast,
+            lr=args.lr,
+            seed=args.seed,
+            train=make_batches(setup, setup.n_train, gen, device),
+            val=make_batches(setup, setup.n_val, gen, device),
+            total_steps=total,
+        )
+        benches.append(bench)
     info = run_info(device, plan.mode)
     if plan.mode == "profile":
-        run_profile(args, bench, info)
+        run_profile(args, benches[0], info)
     elif plan.mode == "cpu-small":
-        run_cpu_small(args, bench, plan.cases, info)
+        run_cpu_small(args, benches[0], plan.cases, info)
     else:
-        run_gpu_mode(args, bench, plan.cases, info)
+        run_gpu_mode(args, benches, plan.cases, info)
 
 
 if __name__ == "__main__":

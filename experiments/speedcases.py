@@ -27,7 +27,14 @@ import torch
 import transformers
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from autolora import AutoLoRATrainer, SearchConfig
 
@@ -40,11 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Setup:
-    """A model shape and the batches it is timed on."""
+    """A model shape and the batches it is timed on.
+
+    ``arch`` "roberta" and "bert" are sequence classifiers (a trained ``classifier`` head, labels
+    in {0, 1}); "llama" is a causal LM (labels = input ids, nothing but the adapters trained).
+    """
 
     name: str
-    arch: str  # "roberta" | "bert"
-    config: dict[str, int]  # overrides of the architecture's default config
+    arch: str  # "roberta" | "bert" | "llama"
+    config: dict[str, Any]  # overrides of the architecture's default config
     batch: int
     length: int
     max_rank: int
@@ -53,17 +64,32 @@ class Setup:
     n_val: int = 4
 
     def model(self, seed: int) -> nn.Module:
-        """A freshly initialised classifier (random weights, seeded), in train mode."""
+        """A freshly initialised model (random weights, seeded), in train mode."""
         torch.manual_seed(seed)
         if self.arch == "roberta":
             model: nn.Module = RobertaForSequenceClassification(RobertaConfig(num_labels=2, **self.config))
+        elif self.arch == "llama":
+            # sdpa, as transformers picks by default, named so that it cannot change under us: the
+            # fused kernels for every first-order pass, and autolora's math_attention() context
+            # (torch's sdpa_kernel) switches the one pass a second-order engine differentiates
+            # twice to the math path. flash_attention_2 would ignore that context.
+            model = LlamaForCausalLM(LlamaConfig(attn_implementation="sdpa", **self.config))
         else:
             model = BertForSequenceClassification(BertConfig(num_labels=2, **self.config))
         return model.train()
 
     @property
+    def causal(self) -> bool:
+        return self.arch == "llama"
+
+    @property
+    def modules_to_save(self) -> tuple[str, ...]:
+        """Fully trained modules besides the adapters: the classifier head, none for a causal LM."""
+        return () if self.causal else ("classifier",)
+
+    @property
     def vocab_size(self) -> int:
-        default = RobertaConfig().vocab_size if self.arch == "roberta" else BertConfig().vocab_size
+        default = {"roberta": RobertaConfig, "bert": BertConfig, "llama": LlamaConfig}[self.arch]().vocab_size
         return self.config.get("vocab_size", default)
 
 
@@ -74,9 +100,34 @@ TINY = {
     "num_attention_heads": 2,
     "intermediate_size": 64,
 }
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M): 30 layers of hidden 576, 9 query heads sharing
+# 3 key/value heads (GQA, head dim 64), SwiGLU MLP of 1536, a 49,152-token vocabulary, tied
+# input and output embeddings; 134.5M parameters.
+SMOLLM2 = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+}
+# the same structure (GQA 9/3, seven linear kinds, tied embeddings), every width tiny
+SMOLLM2_TINY = SMOLLM2 | {"vocab_size": 1000, "hidden_size": 36, "intermediate_size": 96, "num_hidden_layers": 2}
 SETUPS: dict[str, Setup] = {
     "roberta-base": Setup("roberta-base", "roberta", {}, batch=32, length=128, max_rank=64, n_train=10),
     "roberta-tiny": Setup("roberta-tiny", "roberta", TINY, batch=4, length=16, max_rank=8),
+    # Many modules (issue 18): all seven linear kinds of 30 layers = 210 adapted modules, against
+    # RoBERTa-base's 24. max_rank 16: twice the paper's (and autolora's default) search rank of 8,
+    # so a layer can still come out above the r=8 a LoRA recipe for a model this size would use,
+    # while the adapters stay small beside the model (r=16 everywhere is 4.9M parameters, 3.6% of
+    # 134.5M; r=64 would be 19.5M, 14.5%). A small rank also keeps the step launch-bound, which is what
+    # this case is about: the per-module host work of 210 modules, not the adapter FLOPs.
+    "smollm2-135m": Setup(
+        "smollm2-135m", "llama", SMOLLM2, batch=16, length=128, max_rank=16, targets=LLAMA_TARGETS, n_train=10
+    ),
+    "smollm2-tiny": Setup("smollm2-tiny", "llama", SMOLLM2_TINY, batch=4, length=16, max_rank=4, targets=LLAMA_TARGETS),
     "bert-small": Setup(
         "bert-small",
         "bert",
@@ -89,18 +140,28 @@ SETUPS: dict[str, Setup] = {
     ),
     "bert-tiny": Setup("bert-tiny", "bert", TINY, batch=4, length=16, max_rank=4, n_train=6, n_val=3),
 }
+# --model-shape: (full setup, --tiny setup)
+SHAPES: dict[str, tuple[str, str]] = {
+    "roberta": ("roberta-base", "roberta-tiny"),
+    "smollm2": ("smollm2-135m", "smollm2-tiny"),
+}
 
 
 def make_batches(setup: Setup, n: int, gen: torch.Generator, device: torch.device) -> list[Batch]:
-    """``n`` random classification batches (ids avoid the special tokens), already on ``device``."""
-    return [
-        {
-            "input_ids": torch.randint(5, setup.vocab_size, (setup.batch, setup.length), generator=gen).to(device),
-            "attention_mask": torch.ones(setup.batch, setup.length, dtype=torch.long, device=device),
-            "labels": torch.randint(0, 2, (setup.batch,), generator=gen).to(device),
-        }
-        for _ in range(n)
-    ]
+    """``n`` random batches (ids avoid the special tokens), already on ``device``: classification
+    labels, or for a causal LM the input ids (the model shifts them)."""
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(5, setup.vocab_size, (setup.batch, setup.length), generator=gen)
+        labels = ids.clone() if setup.causal else torch.randint(0, 2, (setup.batch,), generator=gen)
+        batches.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones(setup.batch, setup.length, dtype=torch.long, device=device),
+                "labels": labels.to(device),
+            }
+        )
+    return batches
 
 
 @dataclass
@@ -189,7 +250,7 @@ class AutoLoRARunner:
             bench.model(),
             max_rank=bench.setup.max_rank,
             target_modules=list(bench.setup.targets),
-            modules_to_save=["classifier"],
+            modules_to_save=list(bench.setup.modules_to_save) or None,
             hypergrad=engine,
             lr=bench.lr,
             selector_every=selector_every,
@@ -242,7 +303,7 @@ def _lora(rank: int | None) -> Callable[[Bench], Runner]:
             lora_alpha=16,
             lora_dropout=0.0,
             target_modules=list(bench.setup.targets),
-            modules_to_save=["classifier"],
+            modules_to_save=list(bench.setup.modules_to_save) or None,
         )
         return PeftRunner(bench, config)
 
@@ -261,7 +322,7 @@ def _adalora(bench: Bench) -> Runner:
         deltaT=1,
         total_step=bench.total_steps + 1,
         target_modules=list(bench.setup.targets),
-        modules_to_save=["classifier"],
+        modules_to_save=list(bench.setup.modules_to_save) or None,
     )
     return PeftRunner(bench, config)
 
@@ -276,19 +337,22 @@ def _autolora(engine: str, selector_every: int | None) -> Callable[[Bench], Runn
 
 
 BASELINE = "peft_lora"
+# GPU targets (time, peak memory) as ratios to PEFT LoRA at r=max_rank, from issue 18; every
+# setup is held to the same ones.
 CASES: dict[str, Case] = {
     "peft_lora": Case("PEFT LoRA r={r}", _lora(None), "peft"),
     "peft_lora_r8": Case("PEFT LoRA r=8", _lora(8), "peft"),
     "peft_adalora": Case("PEFT AdaLoRA 12→8", _adalora, "peft"),
-    "plain": Case("autolora plain step", _autolora("first_order", None), "autolora", target=(1.05, 1.10)),
+    "plain": Case("autolora plain step", _autolora("first_order", None), "autolora", target=(0.90, 1.05)),
     "first_order": Case(
-        "first_order iteration", _autolora("first_order", 1), "autolora", target=(2.0, 1.15), cpu_target=2.3
+        "first_order iteration", _autolora("first_order", 1), "autolora", target=(1.6, 1.10), cpu_target=2.3
     ),
+    # the issue gives a time target only; memory: first_order's, whose peak one in four steps reaches
     "first_order_every4": Case(
-        "first_order, selector every 4", _autolora("first_order", 4), "autolora", block=4, target=(1.3, 1.15)
+        "first_order, selector every 4", _autolora("first_order", 4), "autolora", block=4, target=(1.1, 1.10)
     ),
-    "darts": Case("darts iteration", _autolora("darts", 1), "autolora", target=(4.0, 1.20), cpu_target=4.3),
-    "unrolled": Case("unrolled iteration", _autolora("unrolled", 1), "autolora", target=(4.0, 3.0)),
+    "darts": Case("darts iteration", _autolora("darts", 1), "autolora", target=(3.0, 1.20), cpu_target=4.3),
+    "unrolled": Case("unrolled iteration", _autolora("unrolled", 1), "autolora", target=(4.0, 2.5)),
     "higher": Case("higher iteration", _autolora("higher", 1), "autolora"),
 }
 CPU_SMALL_CASES = ("peft_lora", "plain", "first_order", "first_order_every4", "darts")

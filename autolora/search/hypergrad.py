@@ -312,4 +312,7 @@ def meta_gradients(
             train_rng=train_rng,
             train_selector_grads=train_selector_grads,
         )
-    return MetaGrads(train_loss.detach(), tuple(g.detach() for g in weight_grads), hyper)
+    # without create_graph the gradients carry no graph: a detach per weight would be one more
+    # host dispatch per tensor (420 for 210 adapted modules) that changes nothing
+    weight_grads = tuple(g.detach() for g in weight_grads) if graph else tuple(weight_grads)
+    return MetaGrads(train_loss.detach(), weight_grads, hyper)

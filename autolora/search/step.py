@@ -210,6 +210,20 @@ def selector_due(search: Search) -> bool:
     return (search.state.step + 1) % search.config.selector_every == 0
 
 
+def sparsity_gradients(selectors: Sequence[torch.Tensor], kinds: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """The gradient of the summed sparsity regulariser for each selector.
+
+    Selectors of one gate kind and shape are stacked and penalised as one (n, r) tensor (the
+    penalty sums its rows), so the regulariser costs a few kernels per group instead of a few
+    per module: a step is usually launch-bound, and a model may have hundreds of adapters.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b, kind in zip(selectors, kinds):
+        groups.setdefault((kind, b.shape, b.dtype, b.device), []).append(b)
+    penalty = sum(sparsity_penalty(torch.stack(group), key[0]) for key, group in groups.items())
+    return torch.autograd.grad(penalty, list(selectors))
+
+
 def take_step(search: Search, train_batches: list, val_batches: list | None) -> dict[str, torch.Tensor]:
     """One step on micro-batches; returns its losses as device scalars (empty for a skipped
     step), so that nothing but the guard waits for the device.
@@ -229,9 +243,8 @@ def take_step(search: Search, train_batches: list, val_batches: list | None) -> 
     if meta.hyper is not None:
         selector_grads = list(meta.hyper.selector_grads)
         if s.sparsity > 0:
-            penalty = sum(sparsity_penalty(b, a.gate) for b, a in zip(problem.selectors, search.adapters.values()))
-            reg = torch.autograd.grad(penalty, problem.selectors)
-            selector_grads = [g + s.sparsity * r for g, r in zip(selector_grads, reg)]
+            reg = sparsity_gradients(problem.selectors, [a.gate for a in search.adapters.values()])
+            selector_grads = torch._foreach_add(selector_grads, reg, alpha=s.sparsity)
     apply(search.weight_optimizer, problem.weights, meta.weight_grads, s.max_grad_norm, found_inf)
     if selector_grads is not None:
         apply(search.selector_optimizer, problem.selectors, selector_grads, found_inf=found_inf)

@@ -142,3 +142,29 @@ def test_darts_passes_per_step(difference, passes, micro_batches):
     assert selector_due(t.search)
     # every pass of a selector step differentiates the selectors: 2 adapters per backward
     assert counts(val) == (passes * micro_batches, 2 * 3 * micro_batches)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_sparsity_gradients_stacked_by_shape_equal_the_per_module_sum(kind):
+    """Selectors of one shape share one stacked penalty; the gradients are each module's own."""
+    from autolora.gates import sparsity_penalty
+    from autolora.search.step import sparsity_gradients
+
+    gen = torch.Generator().manual_seed(0)
+    selectors = [torch.randn(r, generator=gen, dtype=torch.float64, requires_grad=True) for r in (4, 4, 2, 4, 2)]
+    got = sparsity_gradients(selectors, [kind] * len(selectors))
+    for b, g in zip(selectors, got):
+        (reference,) = torch.autograd.grad(sparsity_penalty(b, kind), [b])
+        torch.testing.assert_close(g, reference, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["first_order", "darts", "unrolled"])
+def test_weight_gradients_carry_no_graph(engine):
+    """Detached where the engine built them with a graph (unrolled), as they come otherwise."""
+    from autolora.search.step import gradients
+
+    _, search = _search(fused=False, engine=engine)
+    batches = mlp_batches(2)
+    meta = gradients(search, [batches[0]], [batches[1]], search.engine)
+    assert all(g.grad_fn is None and not g.requires_grad for g in meta.weight_grads)
+    assert meta.train_loss.grad_fn is None

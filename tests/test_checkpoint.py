@@ -241,3 +241,15 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
     assert resumed.state.step == first.state.step
     with pytest.raises(StateError, match=r"different model or config.*search_config"):
         _trainer(stop_when_stable=3).load_checkpoint(tmp_path)
+
+
+def test_compile_is_no_part_of_the_fingerprint(tmp_path):
+    """How a step runs (compiled or eager) does not change what it computes: either resumes the other."""
+    import json
+
+    first = _trainer().fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
+    (manifest,) = tmp_path.glob("step-*/checkpoint.json")
+    assert "compile" not in json.loads(manifest.read_text())["fingerprint"]["search_config"]
+    resumed = _trainer(compile=True, compile_backend="aot_eager")
+    resumed.load_checkpoint(tmp_path)  # loading runs no pass, so nothing compiles here
+    assert resumed.state.step == first.state.step

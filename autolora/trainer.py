@@ -127,7 +127,7 @@ class AutoLoRATrainer(AdaptedModel):
         """The selector hypergradient of the configured engine (or ``engine``) at the current weights.
 
         No sparsity term. The model's train/eval mode is used as it is. No parameter, ``.grad``,
-        optimiser state, counter or global RNG state changes.
+        optimiser state, step counter or global RNG state changes.
 
         Returns:
             {module: tensor shaped and typed like its selector}.

@@ -36,10 +36,11 @@ class _TimedBackend:
 
     def __init__(self, name: str) -> None:
         import torch._dynamo
+        from torch._dynamo.exc import InvalidBackend
 
         try:
             self._inner = torch._dynamo.lookup_backend(name)
-        except Exception:  # dynamo raises its own InvalidBackend
+        except InvalidBackend:
             known = ", ".join(torch._dynamo.list_backends())
             raise ConfigError(
                 f"compile_backend={name!r} is not a torch.compile backend; choose one of {known} "
@@ -71,8 +72,8 @@ def _mark_dynamic(batch: object) -> None:
             _mark_dynamic(value)
 
 
-# One wrapper per backend name for the whole process: dynamo keys its cache on the backend, so a
-# new wrapper per trainer would recompile the same model again.
+# One wrapper per backend name for the whole process (the lookup happens once); each CompiledLoss
+# reads the count as a difference around its own passes.
 _BACKENDS: dict[str, _TimedBackend] = {}
 
 

@@ -252,7 +252,8 @@ def take_step(search: Search, train_batches: list, val_batches: list | None) -> 
 
 def hypergradient(search: Search, train_batch: object, val_batch: object, engine: Engine) -> dict[str, torch.Tensor]:
     """``engine``'s selector hypergradient at the current weights, with no side effect: no
-    parameter, ``.grad``, optimiser state, counter or global RNG state changes."""
+    parameter, ``.grad``, optimiser state, step counter or global RNG state changes (with
+    ``compile``, the compile time it spends is counted)."""
     device = search.device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         meta = gradients(search, [train_batch], [val_batch], engine)

@@ -181,9 +181,19 @@ def _with_new_defaults(saved: dict) -> dict:
     return out
 
 
+# how a step is executed, not what it computes: a compiled run resumes an eager one and back
+EXECUTION_FIELDS = ("compile", "compile_backend")
+
+
+def _maths_fields(search_config: dict) -> dict:
+    return {k: v for k, v in search_config.items() if k not in EXECUTION_FIELDS}
+
+
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     """Raise a ``StateError`` naming what differs between a checkpoint and this trainer."""
     saved = _with_new_defaults(saved)
+    if isinstance(saved.get("search_config"), dict):
+        saved["search_config"] = _maths_fields(saved["search_config"])
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs[:3])
@@ -208,7 +218,7 @@ def fingerprint(search: Search, adapter_config: AdapterConfig) -> dict:
         "adapters": {n: [a.rank, a.in_features, a.out_features] for n, a in search.adapters.items()},
         "weights": {n: list(w.shape) for n, w in zip(p.weight_names, p.weights)},
         "adapter_config": asdict(adapter_config),
-        "search_config": asdict(search.config),
+        "search_config": _maths_fields(asdict(search.config)),
     }
     return json.loads(json.dumps(record, default=str))
 

@@ -24,6 +24,8 @@ ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)  # the keys of autolora.sea
 DARTS_DIFFERENCES: tuple[str, ...] = get_args(DartsDifference)
 AUTOCAST_KINDS: tuple[str, ...] = get_args(AutocastKind)
 LOGGER_NAMES: tuple[str, ...] = get_args(LoggerName)  # the keys of autolora.logging.LOGGERS
+# the engines with a double backward (hypergrad.ENGINES' second_order flag), which compile cannot capture
+SECOND_ORDER_ENGINES: tuple[str, ...] = ("unrolled", "higher")
 
 
 def check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
@@ -159,6 +161,15 @@ class SearchConfig:
             ``summary/stopped_at``). ``None`` (the default) always spends the whole budget.
         skip_nonfinite: On a NaN/inf loss or gradient, skip that step (counted in
             ``trainer.state.skipped_steps``) instead of raising ``NonFiniteError``.
+        compile: Run every loss pass (the train gradient, the validation and finite-difference
+            passes of ``first_order`` and ``darts``, the retrain steps) through ``torch.compile``,
+            forward and backward. The first pass of each kind, and the first batch of a new
+            length, compiles (seconds to minutes); ``trainer.state.compile_seconds`` and the
+            logged ``compile/seconds`` say how long. ``unrolled`` and ``higher`` refuse it: a
+            compiled graph has no double backward.
+        compile_backend: Advanced: the ``torch.compile`` backend. ``"inductor"`` generates
+            kernels; ``"aot_eager"`` captures the same graphs and runs them with eager kernels
+            (fast to compile, for debugging a capture).
     """
 
     hypergrad: EngineName = "first_order"
@@ -179,6 +190,8 @@ class SearchConfig:
     gradient_checkpointing: bool = False
     skip_nonfinite: bool = False
     stop_when_stable: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.hypergrad not in ENGINE_NAMES:
@@ -215,6 +228,16 @@ class SearchConfig:
         check_bool("skip_nonfinite", self.skip_nonfinite)
         if self.stop_when_stable is not None:
             check_int("stop_when_stable", self.stop_when_stable, minimum=2)
+        check_bool("compile", self.compile)
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ConfigError(f"compile_backend={self.compile_backend!r} is invalid; name a torch.compile backend.")
+        if self.compile and self.hypergrad in SECOND_ORDER_ENGINES:
+            raise ConfigError(
+                f"compile=True does not support hypergrad={self.hypergrad!r}: that engine differentiates "
+                "through a gradient (double backward), which a torch.compile graph cannot. Use "
+                "hypergrad='darts' (the same one-step hypergradient by finite differences) or 'first_order' "
+                "with compile, or set compile=False (in a YAML config: search.compile: false)."
+            )
 
     @property
     def xi(self) -> float:

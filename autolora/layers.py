@@ -99,6 +99,10 @@ class GatedLoRALinear(nn.Module):
         # layer adds only the softmax and this product to what a PEFT LoRA layer launches.
         a = self.lora_A if self.gate == "fixed" else self.lora_A * self.gates().unsqueeze(-1)
         z = F.linear(self.dropout(x), a)  # (..., r)
+        if torch.compiler.is_compiling():
+            # inductor fuses add(y, mm, alpha=s) on 2-D inputs into an addmm that drops alpha
+            # (torch 2.13 CPU); the multiply is fused into the kernel's epilogue anyway
+            return y + self.scale * F.linear(z, self.lora_B)
         return torch.add(y, F.linear(z, self.lora_B), alpha=self.scale)  # (..., out)
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ class TrainerState:
     loss_scale: float = 1.0  # the dynamic float16 loss scale (1 without fp16 autocast)
     good_steps: int = 0  # steps since the loss scale last changed
     stopped_stable: bool = False  # the last fit call ended early: its rank plan had stopped changing
+    compile_seconds: float = 0.0  # wall seconds of the passes that compiled a graph (compile=True)
+    compiled_graphs: int = 0  # graphs torch.compile captured for this trainer (compile=True)
 
 
 FP16_INIT_SCALE = 2.0**16

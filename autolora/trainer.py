@@ -48,7 +48,8 @@ class AutoLoRATrainer(AdaptedModel):
             ``lora_alpha`` (16), ``hypergrad`` (``"first_order"``; ``"darts"`` as the paper,
             ``"unrolled"``, ``"higher"``), ``lr`` (5e-4, AdamW on the weights), ``selector_lr``
             (5e-3, Adam on the selectors), ``selector_every`` (4), ``stop_when_stable``,
-            ``inner_lr``, ``sparsity``, ``log_dir``, ``seed``.
+            ``inner_lr``, ``sparsity``, ``log_dir``, ``seed``, ``compile`` (``torch.compile`` the
+            loss passes; ``trainer.state.compile_seconds`` is the time it took).
 
     Raises:
         AutoLoRAError: for bad targets, a bad ``max_rank``, an unknown engine or option, or an
@@ -126,7 +127,7 @@ class AutoLoRATrainer(AdaptedModel):
         """The selector hypergradient of the configured engine (or ``engine``) at the current weights.
 
         No sparsity term. The model's train/eval mode is used as it is. No parameter, ``.grad``,
-        optimiser state, counter or global RNG state changes.
+        optimiser state, step counter or global RNG state changes.
 
         Returns:
             {module: tensor shaped and typed like its selector}.
@@ -273,7 +274,8 @@ class AutoLoRATrainer(AdaptedModel):
             lrs["selectors"] = self.selector_optimizer.param_groups[0]["lr"]
         scale = self.state.loss_scale if self.search_config.autocast == "fp16" else None
         params = self.parameter_count(ranks)["adapter"]
-        return dashboard.step_metrics(losses, ranks, params, self.state.skipped_steps, scale, lrs)
+        compiled = (self.state.compile_seconds, self.state.compiled_graphs) if self.search_config.compile else None
+        return dashboard.step_metrics(losses, ranks, params, self.state.skipped_steps, scale, lrs, compiled)
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(

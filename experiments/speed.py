@@ -64,6 +64,7 @@ from speedcases import (
     SHAPES,
     Bench,
     Setup,
+    compile_seconds,
     free_memory,
     load_average,
     make_batches,
@@ -234,6 +235,7 @@ def run_gpu_mode(args: argparse.Namespace, benches: list[Bench], names: list[str
         "so only the weight step runs. Every autolora row times the public `trainer.step`, which returns the "
         "step's losses (as `fit` does per step; ranks and counts are built on logged steps only).",
         *NOTES,
+        *compile_note([r for r in rows if r["round"] == 0], timed=False),
     ]
     write_outputs(args.out, lines, rows + summaries, info)
 
@@ -348,10 +350,13 @@ def timed_fit(name: str, bench: Bench, limit: float, retries: int, max_wait_s: f
             runner.epoch(bench.train, bench.val)
             sync(bench.device)
             seconds = time.perf_counter() - start
+        compile_s = compile_seconds(runner)
         del runner
         gc.collect()
         busy = load["foreign_cores"]
-        attempts.append({"s": seconds, "foreign_cores": busy, "clean": busy is None or busy < limit})
+        attempts.append(
+            {"s": seconds, "compile_s": compile_s, "foreign_cores": busy, "clean": busy is None or busy < limit}
+        )
         if attempts[-1]["clean"]:
             break
     return attempts[-1] | {"attempts": attempts}
@@ -392,6 +397,7 @@ def run_cpu_small(args: argparse.Namespace, bench: Bench, names: list[str], info
             "steps": n_steps,
             "val_batches": len(bench.val),
             "repeats": args.repeats,
+            "compile_s": [r["compile_s"] for r in runs[name]],
         }
         rows.append(row)
     base = next((r for r in rows if r["case"] == BASELINE), None)
@@ -439,8 +445,30 @@ def run_cpu_small(args: argparse.Namespace, bench: Bench, names: list[str], info
             else "Every run shown was undisturbed (foreign CPU per run in the JSONL)."
         ),
         "- no peak memory on CPU (torch has no CPU allocator statistics); the GPU table has it.",
+        *compile_note(rows, timed=True),
     ]
     write_outputs(args.out, lines, rows, info)
+
+
+def compile_note(rows: list[dict[str, Any]], timed: bool) -> list[str]:
+    """With ``--compile``: each autolora case's compile seconds (``trainer.state.compile_seconds``)."""
+    parts = []
+    for r in rows:
+        spent = r.get("compile_s")
+        if isinstance(spent, list) and spent and None not in spent:  # --cpu-small: one per timed fit
+            rest = statistics.median(s - c for s, c in zip(r["fit_s"], spent))
+            parts.append(f"{r['case']} {statistics.median(spent):.1f} s (fit without it {rest:.2f} s)")
+        elif isinstance(spent, float):
+            parts.append(f"{r['case']} {spent:.1f} s")
+    if not parts:
+        return []
+    where = (
+        "median per timed fit, included in its fit s since each trainer compiles its own graphs"
+        if timed
+        else "spent in the warm-up, not timed"
+    )
+    return [f"- `--compile`: autolora cases ran `AutoLoRATrainer(compile=True)` (inductor). Compile seconds, {where}: "
+            + "; ".join(parts) + "."]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- --profile
@@ -570,6 +598,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--foreign-limit", type=float, default=0.15, help="--cpu-small: CPU cores other processes may use in a run"
     )
     ap.add_argument("--quiet-wait", type=float, default=300, help="--cpu-small: max seconds to wait for quiet")
+    ap.add_argument("--compile", action="store_true", help="autolora cases with AutoLoRATrainer(compile=True)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown table (JSONL next to it); default under experiments/results")
@@ -652,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             train=make_batches(setup, setup.n_train, gen, device),
             val=make_batches(setup, setup.n_val, gen, device),
             total_steps=total,
+            compile=args.compile,
         )
         benches.append(bench)
     info = run_info(device, plan.mode)

@@ -176,6 +176,7 @@ class Bench:
     train: list[Batch]
     val: list[Batch]
     total_steps: int  # steps a case may take (AdaLoRA's schedule, the plain step's selector_every)
+    compile: bool = False  # autolora cases: AutoLoRATrainer(compile=True)
 
     def model(self) -> nn.Module:
         return self.setup.model(self.seed).to(self.device)
@@ -246,6 +247,8 @@ class AutoLoRARunner:
                 options["autocast"] = bench.autocast
             else:  # until the trainer has the option: autocast around the whole step
                 self.outer_autocast = True
+        if bench.compile:
+            options["compile"] = True
         self.trainer = AutoLoRATrainer(
             bench.model(),
             max_rank=bench.setup.max_rank,
@@ -490,6 +493,7 @@ def _measure(case: Case, bench: Bench, iters: int, warmup: int, kernels: bool = 
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak_timed = peak_mib(device)
+    compile_s = compile_seconds(runner)
     peak = None if peak_timed is None or peak_warmup is None else max(peak_warmup, peak_timed)
     counted = count_kernels(runner, warmup + iters, case.block * 2, device) if kernels and device.type == "cuda" else {}
     return counted | {
@@ -506,7 +510,16 @@ def _measure(case: Case, bench: Bench, iters: int, warmup: int, kernels: bool = 
         "peak_warmup_mib": peak_warmup,
         "peak_timed_mib": peak_timed,
         "autocast_mode": autocast_mode(case, bench),
+        "compile_s": compile_s,
     }
+
+
+def compile_seconds(runner: Runner) -> float | None:
+    """Seconds an autolora case spent compiling (``compile=True``; in its first steps), else None."""
+    trainer = getattr(runner, "trainer", None)
+    if trainer is None or not getattr(trainer.search_config, "compile", False):
+        return None
+    return trainer.state.compile_seconds
 
 
 def autocast_mode(case: Case, bench: Bench) -> str:

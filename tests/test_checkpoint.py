@@ -258,3 +258,15 @@ def test_a_darts_checkpoint_from_before_darts_difference_is_a_central_one(tmp_pa
     assert resumed.state.step == first.state.step
     with pytest.raises(StateError, match=r"'darts_difference': 'central'.* vs now .*'darts_difference': 'forward'"):
         _trainer().load_checkpoint(tmp_path)
+
+
+def test_compile_is_no_part_of_the_fingerprint(tmp_path):
+    """How a step runs (compiled or eager) does not change what it computes: either resumes the other."""
+    import json
+
+    first = _trainer().fit(mlp_batches(4), epochs=1, checkpoint_dir=tmp_path)
+    (manifest,) = tmp_path.glob("step-*/checkpoint.json")
+    assert "compile" not in json.loads(manifest.read_text())["fingerprint"]["search_config"]
+    resumed = _trainer(compile=True, compile_backend="aot_eager")
+    resumed.load_checkpoint(tmp_path)  # loading runs no pass, so nothing compiles here
+    assert resumed.state.step == first.state.step

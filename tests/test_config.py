@@ -35,6 +35,8 @@ from tests.conftest import bert
         (SearchConfig, {"grad_accum_steps": 0}, "grad_accum_steps=0 is invalid"),
         (SearchConfig, {"gradient_checkpointing": 1}, "gradient_checkpointing=1 is invalid"),
         (SearchConfig, {"skip_nonfinite": "no"}, "skip_nonfinite='no' is invalid"),
+        (SearchConfig, {"compile": 1}, "compile=1 is invalid"),
+        (SearchConfig, {"compile_backend": ""}, "compile_backend='' is invalid"),
         (LoggingConfig, {"log_every": 0}, "log_every=0 is invalid"),
         (LoggingConfig, {"progress": None}, "progress=None is invalid"),
         (LoggingConfig, {"loggers": []}, "loggers=() is invalid"),

@@ -39,9 +39,11 @@ def step_metrics(
     skipped_steps: int,
     loss_scale: float | None = None,
     lrs: Mapping[str, float] | None = None,
+    compiled: tuple[float, int] | None = None,
 ) -> dict[str, float]:
     """The scalars of a logged step: ``losses``, each module's rank, the summary counts, the
-    float16 loss scale (if any) and the learning rates (``{"weights": lr, ...}``)."""
+    float16 loss scale (if any), the learning rates (``{"weights": lr, ...}``) and, for a
+    compiled search, (seconds spent compiling, graphs compiled) so far."""
     metrics = {k: float(v) for k, v in losses.items()}
     metrics.update({f"rank/{n}": float(r) for n, r in ranks.items()})
     metrics["summary/mean_rank"] = sum(ranks.values()) / max(len(ranks), 1)
@@ -51,6 +53,8 @@ def step_metrics(
     if loss_scale is not None:
         metrics["summary/loss_scale"] = loss_scale
     metrics.update({f"lr/{k}": float(v) for k, v in (lrs or {}).items()})
+    if compiled is not None:
+        metrics["compile/seconds"], metrics["compile/graphs"] = float(compiled[0]), float(compiled[1])
     return metrics
 
 

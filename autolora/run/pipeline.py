@@ -231,6 +231,7 @@ def search_summary(trainer: AutoLoRATrainer, ranks: dict[str, int], search_s: fl
         "skipped_steps": trainer.state.skipped_steps,
         "search_seconds": round(search_s, 2),
         "retrain_seconds": round(retrain_s, 2),
+        **({"compile_seconds": round(trainer.state.compile_seconds, 2)} if trainer.search_config.compile else {}),
         "device": str(trainer.device),
     }
 

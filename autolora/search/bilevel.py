@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autolora.errors import DataError
+from autolora.search.compiled import CompiledLoss
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -94,11 +95,14 @@ class Bilevel:
     loss_scale: float = 1.0
     reducer: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    compiled: CompiledLoss | None = None
 
     def __post_init__(self) -> None:
         self._keys = tuple("model." + n for n in self.weight_names)
         self._grad_module = _GradModule(self.module)
         self._grad_keys = tuple("inner." + k for k in self._keys)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._selector_keys = tuple("model." + names[id(b)] for b in self.selectors)
 
     @property
     def model(self) -> nn.Module:
@@ -127,6 +131,9 @@ class Bilevel:
         as a float16 ``GradScaler`` does), and data parallelism (``reducer`` averages the
         gradients and the loss across processes, so every engine sees the gradient of the union
         of the shards). Losses are returned detached unless ``create_graph``.
+
+        With ``compiled`` each first-order pass runs its compiled loss (a gradient of a gradient,
+        ``create_graph``, stays eager: a compiled graph has no double backward).
         """
         k = len(batches)
         scale = float(self.loss_scale)
@@ -137,7 +144,9 @@ class Bilevel:
         shared_graph = weights is not None and any(w.grad_fn is not None for w in weights)
         for i, batch in enumerate(batches):
             retain = create_graph or (shared_graph and i + 1 < k)
-            if weights is None:
+            if self.compiled is not None and not create_graph:
+                loss, grads = self._compiled_pass(batch, inputs, weights, factor, retain)
+            elif weights is None:
                 with self.autocast():  # mixed precision for the forward only; backward follows its dtypes
                     loss = self.module(batch)
                 scaled = loss if factor == 1.0 else loss * factor
@@ -161,6 +170,24 @@ class Bilevel:
         if self.reducer is not None:
             *summed, total = self.reducer([*summed, total])
         return total, tuple(summed)
+
+    def _compiled_pass(self, batch, inputs, weights, factor: float, retain: bool):
+        """One micro-batch's loss and gradient through ``compiled``.
+
+        Every weight and selector goes in as a graph input, detached unless the pass asks for
+        its gradient, so the captured backward computes only the gradients in ``inputs``.
+        """
+        assert self.compiled is not None
+        wanted = {id(x) for x in inputs}
+        tensors = [*(self.weights if weights is None else weights), *self.selectors]
+        keys = (*self._keys, *self._selector_keys)
+        params = {k: t if id(t) in wanted else t.detach() for k, t in zip(keys, tensors)}
+        with self.compiled.timing():
+            with self.autocast():
+                loss = self.compiled(params, batch)
+            scaled = loss if factor == 1.0 else loss * factor
+            grads = grads_or_zeros(scaled, inputs, retain_graph=retain)
+        return loss, grads
 
 
 def grads_or_zeros(

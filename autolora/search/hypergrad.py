@@ -36,7 +36,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from autolora.config import ENGINE_NAMES, DartsDifference
+from autolora.config import ENGINE_NAMES, SECOND_ORDER_ENGINES, DartsDifference
 from autolora.errors import ConfigError
 from autolora.search.bilevel import Bilevel, RngSnapshot, grads_or_zeros, math_attention
 
@@ -225,6 +225,7 @@ ENGINES: dict[str, Engine] = {
     "higher": FunctionEngine(_higher, second_order=True, graph_train_grads=False, replays_train_pass=True),
 }
 assert tuple(ENGINES) == ENGINE_NAMES, "EngineName in config.py lists the keys of ENGINES"
+assert tuple(n for n, e in ENGINES.items() if e.second_order) == SECOND_ORDER_ENGINES, "config.SECOND_ORDER_ENGINES"
 # without grad_beta L_train(w) from the step, _darts takes the central difference
 DARTS_CENTRAL: Engine = FunctionEngine(_darts, second_order=False, graph_train_grads=False, replays_train_pass=True)
 

@@ -21,6 +21,7 @@ from autolora.errors import NonFiniteError
 from autolora.gates import sparsity_penalty
 from autolora.layers import GatedLoRALinear
 from autolora.search.bilevel import Bilevel, LossFn, LossModule
+from autolora.search.compiled import CompiledLoss
 from autolora.search.guard import Guard
 from autolora.search.hypergrad import Engine, MetaGrads, get_engine, meta_gradients
 from autolora.state import TrainerState
@@ -118,14 +119,16 @@ def build_search(
     ``guard`` carry over from the search it replaces. ``fused``: see :func:`optimiser` (fused
     optimisers defer the non-finite verdict to the next step)."""
     weights = weight_parameters(model, adapters, modules_to_save)
+    module = LossModule(model, loss_fn)
     problem = Bilevel(
-        LossModule(model, loss_fn),
+        module,
         tuple(weights),
         tuple(weights.values()),
         tuple(adapters),
         tuple(a.selector for a in adapters.values()),
         reducer=reducer,
         autocast=autocast_context(config.autocast, lambda: adapters_device(adapters)),
+        compiled=CompiledLoss(module, config.compile_backend) if config.compile else None,
     )
     # after pruning every module to rank 0 nothing may be left to optimise
     weight_opt = (
@@ -153,9 +156,14 @@ def gradients(search: Search, train_batches: list, val_batches: list | None, eng
     search.problem.loss_scale = search.state.loss_scale
     train = [to_device(b, device) for b in train_batches]
     val = [to_device(b, device) for b in val_batches] if val_batches is not None else None
-    return meta_gradients(
+    meta = meta_gradients(
         search.problem, engine if val is not None else None, train, val, xi=s.xi, fd_epsilon=s.fd_epsilon
     )
+    if search.problem.compiled is not None:
+        seconds, graphs = search.problem.compiled.take()
+        search.state.compile_seconds += seconds
+        search.state.compiled_graphs += graphs
+    return meta
 
 
 def apply(
@@ -257,7 +265,8 @@ def take_step(search: Search, train_batches: list, val_batches: list | None) -> 
 
 def hypergradient(search: Search, train_batch: object, val_batch: object, engine: Engine) -> dict[str, torch.Tensor]:
     """``engine``'s selector hypergradient at the current weights, with no side effect: no
-    parameter, ``.grad``, optimiser state, counter or global RNG state changes."""
+    parameter, ``.grad``, optimiser state, step counter or global RNG state changes (with
+    ``compile``, the compile time it spends is counted)."""
     device = search.device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         meta = gradients(search, [train_batch], [val_batch], engine)

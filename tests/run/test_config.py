@@ -45,6 +45,8 @@ def _raw(**changes):
         ({"search__log_every": 3}, "belong in the 'logging' section"),
         ({"search__hypergrad": "exact"}, "hypergrad='exact'"),
         ({"search__max_rank": 0}, "max_rank=0 is invalid"),
+        ({"search__compile": "yes"}, "search.compile='yes' has the wrong type; it must be true or false"),
+        ({"search__hypergrad": "unrolled", "search__compile": True}, "set compile=False .*search.compile: false"),
         ({"extra": 1}, r"unknown top-level key\(s\) \['extra'\]"),
         ({"model__max_length": 1.5}, "model.max_length=1.5 has the wrong type"),
         ({"data__text_columns": "sentence"}, "must be a list"),
@@ -53,6 +55,12 @@ def _raw(**changes):
 def test_config_errors_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):
         build_config(_raw(**changes))
+
+
+def test_compile_is_a_search_key():
+    cfg, _ = load_config(TINY, ["search.compile=true"])
+    assert cfg.search.compile and cfg.search.compile_backend == "inductor"
+    assert to_dict(cfg)["search"]["compile"] is True
 
 
 def test_yaml_exponents_and_overrides():

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from autolora import AutoLoRATrainer
+from autolora import AutoLoRATrainer, to_device
 from autolora.run import lm
 from autolora.run.models import load_model, load_tokenizer, resolve_source
 from experiments import glue_bench
@@ -80,7 +80,11 @@ def decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
         for s in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True).to(device)
             gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_id(tokenizer)
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=lm.pad_id(tokenizer),
+                eos_token_id=lm.eos_id(tokenizer),  # where the training rows end (see lm.generate)
             )
             out += [
                 t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -98,7 +102,8 @@ def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
 
     peft_model = get_peft_model(model, LoraConfig(lora_alpha=16, task_type="CAUSAL_LM", **lora_plan_config(ranks)))
     check_built(peft_model, ranks)
-    glue_bench.train_peft(peft_model, batches, args.epochs, seed, next(model.parameters()).device, max_grad_norm=1.0)
+    device = next(model.parameters()).device
+    glue_bench.train_peft(peft_model, to_device(batches, device), args.epochs, seed, device, max_grad_norm=1.0)
     return peft_model
 
 

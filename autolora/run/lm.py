@@ -88,7 +88,8 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _eos(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
+    """The id every training row ends with (the tokenizer's eos); generation stops there too."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; causal-LM rows end with one. Set tokenizer.eos_token.")
     return int(tokenizer.eos_token_id)
@@ -102,7 +103,7 @@ def encode_completion(tokenizer, prompt: str, completion: str, max_length: int) 
         DataError: (without a location) if the completion leaves no room for any prompt token.
     """
     p = list(tokenizer(prompt)["input_ids"])
-    c = [*tokenizer(completion, add_special_tokens=False)["input_ids"], _eos(tokenizer)]
+    c = [*tokenizer(completion, add_special_tokens=False)["input_ids"], eos_id(tokenizer)]
     room = max_length - len(c)
     truncated = len(p) > room
     if truncated:
@@ -261,7 +262,7 @@ def make_lm_batches(
 
 def pad_id(tokenizer) -> int:
     """The padding id: the tokenizer's pad token, else its eos (padding carries no loss)."""
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos(tokenizer))
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer))
 
 
 def dev_loss(model, batches) -> dict[str, float]:
@@ -292,12 +293,20 @@ def dev_loss(model, batches) -> dict[str, float]:
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of ``prompt`` (the new text only)."""
+    """Greedy continuation of ``prompt`` (the new text only), ending at the tokenizer's eos: the
+    token the training rows end with, which a model's ``generation_config`` may not name (a
+    GGUF-loaded SmolLM2 lists ``<|endoftext|>``, its rows end with ``<|im_end|>``)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id(tokenizer),
+            eos_token_id=eos_id(tokenizer),
+        )
     model.train(was_training)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

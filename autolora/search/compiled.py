@@ -10,7 +10,8 @@ Every dimension of the batch's tensors is marked dynamic (``maybe_mark_dynamic``
 first call, so one graph serves every batch size and sequence length (GLUE and E2E batches vary
 in length); the weights' shapes stay static. Each set of inputs that need a gradient (the
 weights, the selectors, or both) is its own graph, so the backward computes only what the pass
-asks for: ``first_order`` captures two graphs, ``darts`` three.
+asks for: ``first_order`` captures two graphs, ``darts`` four (its train pass also takes the
+selectors, for the forward difference).
 
 Each :class:`CompiledLoss` has its own dynamo cache (its own code object), so trainers in one
 process never share ``torch._dynamo.config.recompile_limit`` (8 graphs per function): a second

@@ -128,3 +128,16 @@ def test_dev_loss_is_token_weighted_and_batch_independent(tiny_lm, tok):
     single = lm.dev_loss(model, [b])["dev_loss"]
     with torch.no_grad():
         assert float(model(**b).loss) == pytest.approx(single, rel=1e-5)
+
+
+def test_generation_stops_at_the_eos_the_rows_end_with(tiny_lm, tok, monkeypatch):
+    """A model's generation_config may name another eos (a GGUF SmolLM2 names <|endoftext|>, its
+    rows end with <|im_end|>): greedy decoding must stop where the training rows stop."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.generation_config.eos_token_id = 0
+    seen, real = {}, model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or real(**kw))
+    lm.generate(model, tok, "name[x]", 3)
+    assert seen["eos_token_id"] == lm.eos_id(tok) == tok.eos_token_id != 0

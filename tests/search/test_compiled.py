@@ -14,7 +14,7 @@ from autolora import AutoLoRATrainer, ConfigError, NonFiniteError, SearchConfig
 from autolora.search.guard import Guard
 from autolora.search.step import build_search, settle, take_step
 from autolora.state import TrainerState
-from tests.conftest import MLP, VOCAB, mlp_batches, mlp_loss, token_batches
+from tests.conftest import MLP, VOCAB, llama, mlp_batches, mlp_loss, token_batches
 
 # aot_eager runs the eager kernels in another order (fused backward graph): bitwise equal here, but
 # allowed float32 rounding differences of a few ulp per step, compounded over the steps below
@@ -43,19 +43,7 @@ def _bert():
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return llama(layers=1)  # one layer: every graph is captured once per test
 
 
 MODELS = {
@@ -92,7 +80,8 @@ def _close(a, b) -> None:
 def test_compiled_matches_eager(name):
     """first_order and darts hypergradients, the losses, and the adapters after a darts search
     (both lengths, selector step every step) agree with eager within TOL; first_order and darts
-    capture three graphs in all ({weights}, {selectors}, {virtual weights, selectors}), with no
+    capture four graphs in all ({weights}, {selectors}, {virtual weights, selectors}, and darts's
+    train pass {weights, selectors}, which gives the forward difference its base point), with no
     recompile for the second sequence length or batch size."""
     train, val = _batches(name)
     runs = {}
@@ -110,7 +99,7 @@ def test_compiled_matches_eager(name):
     _close({k: torch.tensor(v) for k, v in loss_e.items()}, {k: torch.tensor(v) for k, v in loss_c.items()})
     _close(weights_e, weights_c)
     assert eager.state.compiled_graphs == 0 and eager.state.compile_seconds == 0
-    assert comp.state.compiled_graphs == 3  # all in the hypergradient() calls: fit compiled nothing
+    assert comp.state.compiled_graphs == 4  # all in the hypergradient() calls: fit compiled nothing
     assert new_graphs == 0  # dynamo's own count: lengths 8, 12 and 10, batch sizes 4 and 3, no recompile
     assert comp.state.compile_seconds > 0
 

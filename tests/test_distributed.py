@@ -50,10 +50,20 @@ WORKER = textwrap.dedent(
 )
 
 
-def _launch(tmp_path, engine, mode="equal"):
+# The one-line accelerate config of the README (MULTI_GPU launches through torchrun; on CPU the
+# trainer joins with gloo)
+ACCELERATE_CONFIG = "distributed_type: MULTI_GPU\nnum_processes: 2\n"
+
+
+def _launch(tmp_path, engine, mode="equal", launcher="torchrun"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    if launcher == "accelerate":
+        config = tmp_path / "accelerate.yaml"
+        config.write_text(ACCELERATE_CONFIG)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(script)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     return subprocess.run([*cmd, str(tmp_path), engine, mode], capture_output=True, text=True, timeout=300)
 
 
@@ -96,6 +106,17 @@ def test_two_processes_equal_the_single_process_maths(tmp_path, engine):
     scalar_steps = [r["step"] for r in records if "kind" not in r]
     assert scalar_steps == list(range(1, 7))  # once per step, not once per process
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000006"]
+
+
+def test_accelerate_launch_with_the_one_line_config_equals_one_process(tmp_path):
+    pytest.importorskip("accelerate")
+    result = _launch(tmp_path, "first_order", launcher="accelerate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    expected = {n: p.detach() for n, p in _single_process("first_order")[0].model.named_parameters() if p.requires_grad}
+    for n in r0:
+        assert torch.equal(r0[n], r1[n]), n
+        assert torch.allclose(r0[n], expected[n], atol=1e-6, rtol=1e-5), n
 
 
 def test_resume_under_data_parallelism(tmp_path):

@@ -71,28 +71,6 @@ def nlg_scores(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     return {"bleu": bleu, "rouge_l": 100 * rouge}
 
 
-def decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations, batched with left padding."""
-    tokenizer.padding_side = "left"
-    device, out = next(model.parameters()).device, []
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=lm.pad_id(tokenizer),
-                eos_token_id=lm.eos_id(tokenizer),  # where the training rows end (see lm.generate)
-            )
-            out += [
-                t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            ]
-    tokenizer.padding_side = "right"
-    return out
-
-
 def targets(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in KINDS]
 
@@ -170,7 +148,9 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
     scores = lm.dev_loss(model, dev_batches)
     mrs = list(refs)
     prompts = [args.template.format(prompt=m) for m in mrs]
-    hyps = decode(model, tokenizer, prompts, args.max_new_tokens, args.decode_batch_size)
+    hyps = [
+        t.strip() for t in lm.generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.decode_batch_size)
+    ]
     return {
         "method": method,
         "seed": seed,

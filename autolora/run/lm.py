@@ -292,21 +292,35 @@ def dev_loss(model, batches) -> dict[str, float]:
     return {"dev_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "dev_tokens": count}
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of ``prompt`` (the new text only), ending at the tokenizer's eos: the
-    token the training rows end with, which a model's ``generation_config`` may not name (a
-    GGUF-loaded SmolLM2 lists ``<|endoftext|>``, its rows end with ``<|im_end|>``)."""
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    was_training = model.training
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` (the new text only), batched with left padding, each
+    ending at the tokenizer's eos: the token the training rows end with, which a model's
+    ``generation_config`` may not name (a GGUF-loaded SmolLM2 lists ``<|endoftext|>``, its rows
+    end with ``<|im_end|>``). The model's train/eval mode and the tokenizer's padding side are
+    restored."""
+    device, out = next(model.parameters()).device, []
+    was_training, side = model.training, tokenizer.padding_side
     model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id(tokenizer),
-            eos_token_id=eos_id(tokenizer),
-        )
-    model.train(was_training)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1).to(device)
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id(tokenizer),
+                    eos_token_id=eos_id(tokenizer),
+                )
+                out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return out
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy continuation of ``prompt`` (the new text only); see :func:`generate_batch`."""
+    return generate_batch(model, tokenizer, [prompt], max_new_tokens)[0]

@@ -141,3 +141,13 @@ def test_generation_stops_at_the_eos_the_rows_end_with(tiny_lm, tok, monkeypatch
     monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or real(**kw))
     lm.generate(model, tok, "name[x]", 3)
     assert seen["eos_token_id"] == lm.eos_id(tok) == tok.eos_token_id != 0
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_lm, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).train()
+    prompts = ["name[a]", "name[Alimentum], area[city centre]", "x"]
+    batched = lm.generate_batch(model, tok, prompts, 4, batch_size=3)
+    assert batched == [lm.generate(model, tok, p, 4) for p in prompts]
+    assert model.training and tok.padding_side == "right"  # both restored

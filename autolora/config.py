@@ -16,12 +16,14 @@ from autolora.errors import ConfigError
 GateKind = Literal["softmax", "sigmoid"]
 EngineName = Literal["first_order", "darts", "unrolled", "higher"]
 DartsDifference = Literal["forward", "central"]
+CompileScope = Literal["blocks", "model"]
 AutocastKind = Literal["bf16", "fp16"]
 LoggerName = Literal["tensorboard", "jsonl"]
 
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)  # the keys of autolora.search.hypergrad.ENGINES
 DARTS_DIFFERENCES: tuple[str, ...] = get_args(DartsDifference)
+COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
 AUTOCAST_KINDS: tuple[str, ...] = get_args(AutocastKind)
 LOGGER_NAMES: tuple[str, ...] = get_args(LoggerName)  # the keys of autolora.logging.LOGGERS
 # the engines with a double backward (hypergrad.ENGINES' second_order flag), which compile cannot capture
@@ -167,6 +169,12 @@ class SearchConfig:
             length, compiles (seconds to minutes); ``trainer.state.compile_seconds`` and the
             logged ``compile/seconds`` say how long. ``unrolled`` and ``higher`` refuse it: a
             compiled graph has no double backward.
+        compile_scope: What ``compile`` captures. ``"blocks"`` (the default) compiles the
+            model's repeated blocks (its transformer layers) and runs the embeddings, head and
+            loss eagerly: the layers share one graph, so compiling takes one layer's time
+            however deep the model. ``"model"`` compiles the whole loss as one graph per pass
+            (a compile time that grows with depth); a model without repeated blocks is
+            compiled whole either way.
         compile_backend: Advanced: the ``torch.compile`` backend. ``"inductor"`` generates
             kernels; ``"aot_eager"`` captures the same graphs and runs them with eager kernels
             (fast to compile, for debugging a capture).
@@ -191,6 +199,7 @@ class SearchConfig:
     skip_nonfinite: bool = False
     stop_when_stable: int | None = None
     compile: bool = False
+    compile_scope: CompileScope = "blocks"
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
@@ -229,6 +238,7 @@ class SearchConfig:
         if self.stop_when_stable is not None:
             check_int("stop_when_stable", self.stop_when_stable, minimum=2)
         check_bool("compile", self.compile)
+        check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise ConfigError(f"compile_backend={self.compile_backend!r} is invalid; name a torch.compile backend.")
         if self.compile and self.hypergrad in SECOND_ORDER_ENGINES:

@@ -467,7 +467,9 @@ def compile_note(rows: list[dict[str, Any]], timed: bool) -> list[str]:
         if timed
         else "spent in the warm-up, not timed"
     )
-    return [f"- `--compile`: autolora cases ran `AutoLoRATrainer(compile=True)` (inductor). Compile seconds, {where}: "
+    scope = rows[0].get("compile_scope", "blocks") if rows else "blocks"
+    return [f"- `--compile`: autolora cases ran `AutoLoRATrainer(compile=True, compile_scope={scope!r})` (inductor). "
+            f"Compile seconds, {where}: "
             + "; ".join(parts) + "."]  # fmt: skip
 
 
@@ -599,6 +601,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--quiet-wait", type=float, default=300, help="--cpu-small: max seconds to wait for quiet")
     ap.add_argument("--compile", action="store_true", help="autolora cases with AutoLoRATrainer(compile=True)")
+    ap.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks", help="with --compile")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown table (JSONL next to it); default under experiments/results")
@@ -682,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             val=make_batches(setup, setup.n_val, gen, device),
             total_steps=total,
             compile=args.compile,
+            compile_scope=args.compile_scope,
         )
         benches.append(bench)
     info = run_info(device, plan.mode)

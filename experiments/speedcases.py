@@ -177,6 +177,7 @@ class Bench:
     val: list[Batch]
     total_steps: int  # steps a case may take (AdaLoRA's schedule, the plain step's selector_every)
     compile: bool = False  # autolora cases: AutoLoRATrainer(compile=True)
+    compile_scope: str = "blocks"  # its compile_scope
 
     def model(self) -> nn.Module:
         return self.setup.model(self.seed).to(self.device)
@@ -248,7 +249,7 @@ class AutoLoRARunner:
             else:  # until the trainer has the option: autocast around the whole step
                 self.outer_autocast = True
         if bench.compile:
-            options["compile"] = True
+            options |= {"compile": True, "compile_scope": bench.compile_scope}
         self.trainer = AutoLoRATrainer(
             bench.model(),
             max_rank=bench.setup.max_rank,
@@ -511,6 +512,7 @@ def _measure(case: Case, bench: Bench, iters: int, warmup: int, kernels: bool = 
         "peak_timed_mib": peak_timed,
         "autocast_mode": autocast_mode(case, bench),
         "compile_s": compile_s,
+        **({"compile_scope": bench.compile_scope} if bench.compile else {}),
     }
 
 

@@ -37,6 +37,7 @@ from tests.conftest import bert
         (SearchConfig, {"skip_nonfinite": "no"}, "skip_nonfinite='no' is invalid"),
         (SearchConfig, {"compile": 1}, "compile=1 is invalid"),
         (SearchConfig, {"compile_backend": ""}, "compile_backend='' is invalid"),
+        (SearchConfig, {"compile_scope": "layers"}, "compile_scope='layers' is not supported"),
         (LoggingConfig, {"log_every": 0}, "log_every=0 is invalid"),
         (LoggingConfig, {"progress": None}, "progress=None is invalid"),
         (LoggingConfig, {"loggers": []}, "loggers=() is invalid"),

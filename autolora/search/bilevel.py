@@ -9,6 +9,8 @@ to ``.data``: fast weights are a mapping passed in for the length of one call.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +24,27 @@ from autolora.search.compiled import CompiledLoss
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    try:
+        return forward is not None and "use_cache" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def default_loss(model: nn.Module, batch: object) -> torch.Tensor:
-    """``model(**batch).loss``: the loss a Hugging Face model computes from its labels."""
-    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    """``model(**batch).loss``: the loss a Hugging Face model computes from its labels.
+
+    A decoder whose forward takes ``use_cache`` is called with ``use_cache=False`` (unless the
+    batch says otherwise): a loss pass never reads a key/value cache, and building one costs
+    memory and, under ``compile``, a graph per layer (the cache is indexed by layer).
+    """
+    if isinstance(batch, Mapping):
+        extra = {"use_cache": False} if "use_cache" not in batch and _takes_use_cache(type(model)) else {}
+        out = model(**batch, **extra)
+    else:
+        out = model(batch)
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise DataError(

@@ -128,7 +128,7 @@ def build_search(
         tuple(a.selector for a in adapters.values()),
         reducer=reducer,
         autocast=autocast_context(config.autocast, lambda: adapters_device(adapters)),
-        compiled=CompiledLoss(module, config.compile_backend) if config.compile else None,
+        compiled=CompiledLoss(module, config.compile_backend, config.compile_scope) if config.compile else None,
     )
     # after pruning every module to rank 0 nothing may be left to optimise
     weight_opt = (

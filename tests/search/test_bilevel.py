@@ -69,6 +69,23 @@ def test_grads_or_zeros_and_default_loss():
         default_loss(lambda **kw: {"logits": 1}, {"input_ids": 1})
 
 
+def test_default_loss_turns_the_decoder_cache_off():
+    """A loss pass never reads a key/value cache: a forward that takes ``use_cache`` gets False,
+    unless the batch sets it; a forward without the argument is called as before."""
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids, use_cache=None):
+            return {"loss": torch.tensor(0.0 if use_cache is False else 1.0)}
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids):
+            return {"loss": torch.tensor(2.0)}
+
+    assert default_loss(Decoder(), {"input_ids": 1}).item() == 0.0
+    assert default_loss(Decoder(), {"input_ids": 1, "use_cache": True}).item() == 1.0
+    assert default_loss(Plain(), {"input_ids": 1}).item() == 2.0
+
+
 def test_rng_snapshot_replays_without_consuming_randomness():
     snap = RngSnapshot([torch.device("cpu")])
     first = torch.rand(3)

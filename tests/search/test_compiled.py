@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from autolora import AutoLoRATrainer, ConfigError, NonFiniteError, SearchConfig
+from autolora.search.compiled import repeated_blocks
 from autolora.search.guard import Guard
 from autolora.search.step import build_search, settle, take_step
 from autolora.state import TrainerState
@@ -21,13 +22,13 @@ from tests.conftest import MLP, VOCAB, llama, mlp_batches, mlp_loss, token_batch
 TOL = 1e-5
 
 
-def _bert():
+def _bert(layers: int = 1):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(
         hidden_size=32,
-        num_hidden_layers=1,  # one layer: every graph is captured once per test, so depth is trace time
+        num_hidden_layers=layers,  # one layer: the whole model is traced once per test
         num_attention_heads=4,
         intermediate_size=37,
         vocab_size=VOCAB,
@@ -42,8 +43,8 @@ def _bert():
     return BertForSequenceClassification(cfg)
 
 
-def _llama():
-    return llama(layers=1)  # one layer: every graph is captured once per test
+def _llama(layers: int = 1):
+    return llama(layers=layers)
 
 
 MODELS = {
@@ -52,11 +53,13 @@ MODELS = {
 }
 
 
-def _trainer(name: str, compile: bool, **kw) -> AutoLoRATrainer:
+def _trainer(name: str, compile: bool, scope: str = "model", **kw) -> AutoLoRATrainer:
+    """``scope="model"`` on one layer; ``"blocks"`` on three, which share their graphs."""
     make, options, _ = MODELS[name]
     return AutoLoRATrainer(
-        make(), max_rank=4, progress=False, compile=compile, compile_backend="aot_eager", **options, **kw
-    )
+        make(layers=3 if scope == "blocks" else 1), max_rank=4, progress=False, compile=compile,
+        compile_scope=scope, compile_backend="aot_eager", **options, **kw,
+    )  # fmt: skip
 
 
 def _batches(name: str):
@@ -76,17 +79,20 @@ def _close(a, b) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=TOL, atol=TOL, msg=k)
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_compiled_matches_eager(name):
+def test_compiled_matches_eager(name, scope):
     """first_order and darts hypergradients, the losses, and the adapters after a darts search
     (both lengths, selector step every step) agree with eager within TOL; first_order and darts
     capture four graphs in all ({weights}, {selectors}, {virtual weights, selectors}, and darts's
     train pass {weights, selectors}, which gives the forward difference its base point), with no
-    recompile for the second sequence length or batch size."""
+    recompile for the second sequence length or batch size. With ``blocks`` each pass kind has two
+    graphs of one layer: the first layer's (its input needs no gradient) and one that the other
+    two layers share (twelve in all would mean a graph per layer)."""
     train, val = _batches(name)
     runs = {}
     for compiled in (False, True):
-        t = _trainer(name, compiled, hypergrad="darts", selector_every=1)
+        t = _trainer(name, compiled, scope, hypergrad="darts", selector_every=1)
         hyper = {e: t.hypergradient(train[0], val[0], engine=e) for e in ("first_order", "darts")}
         start = dict(counters["stats"])
         t.fit(train, val)
@@ -99,9 +105,34 @@ def test_compiled_matches_eager(name):
     _close({k: torch.tensor(v) for k, v in loss_e.items()}, {k: torch.tensor(v) for k, v in loss_c.items()})
     _close(weights_e, weights_c)
     assert eager.state.compiled_graphs == 0 and eager.state.compile_seconds == 0
-    assert comp.state.compiled_graphs == 4  # all in the hypergradient() calls: fit compiled nothing
+    # all in the hypergradient() calls: fit compiled nothing
+    assert comp.state.compiled_graphs == (4 if scope == "model" else 8)
     assert new_graphs == 0  # dynamo's own count: lengths 8, 12 and 10, batch sizes 4 and 3, no recompile
     assert comp.state.compile_seconds > 0
+    assert comp.search.problem.compiled.scope == scope
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_blocks_are_the_layers_and_are_left_uncompiled(name):
+    """``repeated_blocks`` finds the transformer layers, and the compiled call is on them only
+    during a pass: after a search the user's model is plain again."""
+    t = _trainer(name, True, "blocks", selector_every=1)
+    layers = t.model.bert.encoder.layer if name == "bert" else t.model.model.layers
+    assert repeated_blocks(t.model) == list(layers)
+    train, val = _batches(name)
+    t.fit(train, val)
+    assert t.state.compiled_graphs > 0
+    assert all(b._compiled_call_impl is None for b in layers)
+
+
+def test_a_model_without_repeated_blocks_is_compiled_whole():
+    assert repeated_blocks(MLP()) == []
+    t = AutoLoRATrainer(
+        MLP(), max_rank=4, target_modules=["fc1", "fc2"], loss_fn=mlp_loss, compile=True,
+        compile_backend="aot_eager", progress=False,
+    )  # fmt: skip
+    t.fit(mlp_batches(4), mlp_batches(2, seed=2))
+    assert t.search.problem.compiled.scope == "model" and t.state.compiled_graphs == 2  # train and validation
 
 
 def test_compile_seconds_are_logged(tmp_path):

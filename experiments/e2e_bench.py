@@ -75,13 +75,20 @@ def targets(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in KINDS]
 
 
+def no_cache_loss(model, batch):
+    """``model(**batch).loss`` without a key/value cache, as autolora's default loss runs it."""
+    return model(**batch, use_cache=False).loss
+
+
 def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(lora_alpha=16, task_type="CAUSAL_LM", **lora_plan_config(ranks)))
     check_built(peft_model, ranks)
     device = next(model.parameters()).device
-    glue_bench.train_peft(peft_model, to_device(batches, device), args.epochs, seed, device, max_grad_norm=1.0)
+    glue_bench.train_peft(
+        peft_model, to_device(batches, device), args.epochs, seed, device, max_grad_norm=1.0, loss_fn=no_cache_loss
+    )
     return peft_model
 
 

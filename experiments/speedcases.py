@@ -149,7 +149,9 @@ SHAPES: dict[str, tuple[str, str]] = {
 
 def make_batches(setup: Setup, n: int, gen: torch.Generator, device: torch.device) -> list[Batch]:
     """``n`` random batches (ids avoid the special tokens), already on ``device``: classification
-    labels, or for a causal LM the input ids (the model shifts them)."""
+    labels, or for a causal LM the input ids (the model shifts them) and ``use_cache=False`` (a
+    training step reads no key/value cache; autolora's default loss sets the same), so PEFT and
+    autolora run the same forward."""
     batches = []
     for _ in range(n):
         ids = torch.randint(5, setup.vocab_size, (setup.batch, setup.length), generator=gen)
@@ -159,6 +161,7 @@ def make_batches(setup: Setup, n: int, gen: torch.Generator, device: torch.devic
                 "input_ids": ids.to(device),
                 "attention_mask": torch.ones(setup.batch, setup.length, dtype=torch.long, device=device),
                 "labels": labels.to(device),
+                **({"use_cache": False} if setup.causal else {}),
             }
         )
     return batches

@@ -34,6 +34,7 @@ def test_causal_batches_label_the_input_ids():
     setup = speedcases.SETUPS["smollm2-tiny"]
     (batch,) = speedcases.make_batches(setup, 1, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(batch["labels"], batch["input_ids"]) and batch["input_ids"].shape == (4, 16)
+    assert batch["use_cache"] is False  # PEFT's step runs the forward autolora's default loss runs
 
 
 def test_default_run_is_the_roberta_shape_alone():

@@ -10,13 +10,11 @@ A later row for the same (method, seed) replaces an earlier one.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from collections import defaultdict
 
 from experiments.e2e_bench import KINDS, METHODS
-from experiments.glue_table import Row, read_rows, seed_agreement
+from experiments.glue_table import Row, seed_agreement, table_cli
 
 MATCHED = "lora-r4"  # AutoLoRA prunes to mean rank 4: the uniform LoRA of the same size
 METRICS = (("dev_nll", "dev NLL / token", 4), ("bleu", "BLEU", 1), ("rouge_l", "ROUGE-L", 1))
@@ -111,13 +109,7 @@ def render(path: str, rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("rows", help="JSONL written by e2e_bench.py")
-    args = ap.parse_args(argv)
-    rows = read_rows(args.rows)
-    if not rows:
-        raise SystemExit(f"{args.rows} has no rows")
-    sys.stdout.write(render(args.rows, rows))
+    table_cli(__doc__, "e2e_bench.py", render, argv)
 
 
 if __name__ == "__main__":

@@ -457,14 +457,19 @@ def render(path: str, rows: list[Row]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("rows", help="JSONL written by glue_bench.py")
+def table_cli(doc: str, bench: str, render_rows, argv: list[str] | None = None) -> None:
+    """``python <table>.py ROWS.jsonl``: the markdown of ``render_rows(path, rows)`` on stdout."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rows", help=f"JSONL written by {bench}")
     args = ap.parse_args(argv)
     rows = read_rows(args.rows)
     if not rows:
         raise SystemExit(f"{args.rows} has no rows")
-    sys.stdout.write(render(args.rows, rows))
+    sys.stdout.write(render_rows(args.rows, rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    table_cli(__doc__, "glue_bench.py", render, argv)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,16 @@ def test_unknown_backend_names_the_known_ones():
         AutoLoRATrainer(
             MLP(), max_rank=4, target_modules=["fc1"], loss_fn=mlp_loss, compile=True, compile_backend="nope"
         )
+
+
+def test_blocks_under_gradient_checkpointing_match_eager():
+    """A checkpointed layer recomputes its forward in the backward, after the compiled call is
+    removed from the blocks: the recomputation runs eagerly and the step is unchanged."""
+    train, val = _batches("llama")
+    weights = {}
+    for compiled in (False, True):
+        t = _trainer("llama", compiled, "blocks", gradient_checkpointing=True, selector_every=1)
+        t.fit(train, val)
+        weights[compiled] = _weights(t)
+        assert (t.state.compiled_graphs > 0) == compiled
+    _close(weights[False], weights[True])

@@ -26,6 +26,7 @@ from autolora.run.glue import TASKS as GLUE_TASKS
 from autolora.run.glue import load_glue
 from autolora.run.report import write_report
 from autolora.run.text import Examples, evaluate, make_batches
+from autolora.search.bilevel import default_loss
 from autolora.search.hypergrad import ENGINES, Engine
 from autolora.search.retrain import linear_warmup
 from autolora.trainer import AutoLoRATrainer
@@ -58,6 +59,7 @@ __all__ = [
     "TensorBoardLogger",
     "WriteError",
     "__version__",
+    "default_loss",
     "evaluate",
     "linear_warmup",
     "load_glue",

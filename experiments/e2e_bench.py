@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from autolora import AutoLoRATrainer, to_device
+from autolora import AutoLoRATrainer, default_loss, to_device
 from autolora.run import lm
 from autolora.run.models import load_model, load_tokenizer, resolve_source
 from experiments import glue_bench
@@ -75,11 +75,6 @@ def targets(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in KINDS]
 
 
-def no_cache_loss(model, batch):
-    """``model(**batch).loss`` without a key/value cache, as autolora's default loss runs it."""
-    return model(**batch, use_cache=False).loss
-
-
 def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +82,7 @@ def train_lora(model, ranks: dict[str, int], batches, args, seed: int):
     check_built(peft_model, ranks)
     device = next(model.parameters()).device
     glue_bench.train_peft(
-        peft_model, to_device(batches, device), args.epochs, seed, device, max_grad_norm=1.0, loss_fn=no_cache_loss
+        peft_model, to_device(batches, device), args.epochs, seed, device, max_grad_norm=1.0, loss_fn=default_loss
     )
     return peft_model
 

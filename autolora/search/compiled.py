@@ -162,6 +162,7 @@ class CompiledLoss:
         # dynamo caches graphs on the function's code object: a copy of the code is a cache of our own
         own = _own(_block_at if self.blocks else _loss_at)
         self._fn = torch.compile(own, backend=self._backend, dynamic=None)
+        self._calls = [self._block_call(b) for b in self.blocks]
         self.seconds, self.graphs = 0.0, 0
 
     def __call__(self, params: Mapping[str, torch.Tensor], batch: object) -> torch.Tensor:
@@ -176,19 +177,20 @@ class CompiledLoss:
         def call(*args: object, **kwargs: object) -> object:
             _mark_dynamic(args)  # batch and sequence length vary: one graph for every shape
             _mark_dynamic(kwargs)
-            with _recompile_limit(BLOCK_GRAPHS):
-                return self._fn(block, *args, **kwargs)
+            return self._fn(block, *args, **kwargs)
 
         return call
 
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
-        """The compiled call on every block for the duration of one forward."""
+        """The compiled call on every block, and our recompile limit, for one forward (dynamo
+        compiles a block's graph there; AOTAutograd's backward later needs neither)."""
         before = [b._compiled_call_impl for b in self.blocks]
-        for b in self.blocks:
-            b._compiled_call_impl = self._block_call(b)
+        for b, call in zip(self.blocks, self._calls):
+            b._compiled_call_impl = call
         try:
-            yield
+            with _recompile_limit(BLOCK_GRAPHS):
+                yield
         finally:
             for b, impl in zip(self.blocks, before):
                 b._compiled_call_impl = impl

@@ -11,11 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
 from autolora.errors import DataError
 from autolora.run import lm
-from autolora.run.config import RunConfig, build_config, to_dict
+from autolora.run.config import RunConfig, saved_config, to_dict
 from autolora.run.models import ModelSource, load_model, load_tokenizer, resolve_source
 from autolora.trainer import AutoLoRATrainer
 
@@ -26,27 +24,36 @@ def source(cfg: RunConfig) -> ModelSource:
     return resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
 
 
-def load_data(cfg: RunConfig, tokenizer) -> tuple[lm.LMData, lm.LMData]:
-    """(train, dev) tokenised: seeded subsets of ``limit`` / ``dev_limit`` rows when given."""
+def load_split(cfg: RunConfig, tokenizer, split: str) -> lm.LMData:
+    """The ``train`` or ``dev`` file tokenised: a seeded subset of ``limit`` / ``dev_limit`` rows
+    when given; says on stderr how many rows were cut to ``model.max_length``."""
     d = cfg.data
     if d.dev_file is None:
         raise DataError("model.task=causal_lm needs data.dev_file for the dev loss.")
-    kw = {
-        "prompt_column": d.prompt_column,
-        "completion_column": d.completion_column,
-        "messages_column": d.messages_column,
-        "prompt_template": d.prompt_template,
-    }
-    train = lm.load_lm_file(d.train_file, tokenizer, cfg.model.max_length, **kw, limit=d.limit, seed=d.subset_seed)
-    dev = lm.load_lm_file(d.dev_file, tokenizer, cfg.model.max_length, **kw, limit=d.dev_limit, seed=d.subset_seed)
-    for name, part in (("train", train), ("dev", dev)):
-        if part.truncated:
-            print(
-                f"autolora: {part.truncated} of {len(part)} {name} rows were longer than model.max_length="
-                f"{cfg.model.max_length}; their prompts were cut from the left.",
-                file=sys.stderr,
-            )
-    return train, dev
+    path, limit = (d.train_file, d.limit) if split == "train" else (d.dev_file, d.dev_limit)
+    data = lm.load_lm_file(
+        path,
+        tokenizer,
+        cfg.model.max_length,
+        prompt_column=d.prompt_column,
+        completion_column=d.completion_column,
+        messages_column=d.messages_column,
+        prompt_template=d.prompt_template,
+        limit=limit,
+        seed=d.subset_seed,
+    )
+    if data.truncated:
+        print(
+            f"autolora: {data.truncated} of {len(data)} {split} rows were longer than model.max_length="
+            f"{cfg.model.max_length}; their prompts were cut from the left.",
+            file=sys.stderr,
+        )
+    return data
+
+
+def load_data(cfg: RunConfig, tokenizer) -> tuple[lm.LMData, lm.LMData]:
+    """(train, dev) tokenised, see :func:`load_split`."""
+    return load_split(cfg, tokenizer, "train"), load_split(cfg, tokenizer, "dev")
 
 
 def build(cfg: RunConfig, run_dir: Path, tokenizer=None):
@@ -118,38 +125,12 @@ def train(cfg: RunConfig) -> dict:
     return metrics
 
 
-def _run_config(run_dir: Path) -> RunConfig:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise DataError(f"{run_dir} holds no config.yaml; give the output_dir of an `autolora train` run.")
-    return build_config(yaml.safe_load(saved.read_text()))
-
-
-def load_adapted(run_dir: str | Path, adapter: str | Path | None = None):
-    """(PEFT model, tokenizer): the run's base model with its exported adapter, via stock PEFT.
-
-    Raises:
-        DataError: if the run folder has no config or no exported adapter.
-    """
-    from peft import PeftModel
-
-    from autolora.run.pipeline import pick_device
-
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
-    adapter = Path(adapter) if adapter is not None else run_dir / ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
-        raise DataError(f"{adapter} holds no exported adapter (adapter_config.json); run `autolora train` first.")
-    src = source(cfg)
-    tokenizer = load_tokenizer(src)
-    base = load_model(src, cfg.model.task).to(pick_device(cfg.model.device))
-    return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
-
-
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, raw: bool = False) -> str:
     """Greedy generation through the run's exported adapter; the prompt is formatted with the
     run's ``data.prompt_template`` unless ``raw``."""
-    cfg = _run_config(Path(run_dir))
+    from autolora.run.evaluate import load_adapted
+
+    cfg = saved_config(run_dir)
     if cfg.model.task != "causal_lm":
         raise DataError(f"{run_dir} is a {cfg.model.task} run; `autolora generate` needs model.task=causal_lm.")
     model, tokenizer = load_adapted(run_dir)

@@ -1,5 +1,6 @@
 """The ``autolora`` command: ``train CONFIG.yaml [key=value ...]``, ``export RUN_DIR``, ``report RUN_DIR``,
-``generate RUN_DIR --prompt TEXT`` (causal-LM runs).
+``evaluate RUN_DIR`` (the dev score through the exported PEFT adapter), ``generate RUN_DIR --prompt TEXT``
+(causal-LM runs).
 
 User mistakes (a bad config, missing files, ...) print one ``error:`` line and exit with status 2;
 nothing else is caught.
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--target-rank", type=int, default=None, help="prune to this average rank instead")
     report = sub.add_parser("report", help="write report.md and PNG plots of the ranks into RUN_DIR")
     report.add_argument("run_dir", type=Path)
+    evaluate = sub.add_parser(
+        "evaluate", help="rescore a run's dev data through its exported adapter, loaded with stock PEFT"
+    )
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--adapter", type=Path, default=None, help="an adapter folder (default: RUN_DIR/adapter)")
     _add_generate(sub)
     return parser
 
@@ -64,6 +70,19 @@ def _generate(args) -> None:
     from autolora.run import causal
 
     print(causal.generate(args.run_dir, args.prompt, args.max_new_tokens, raw=args.raw))
+
+
+def _evaluate(args) -> None:
+    from autolora.run.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.adapter)
+    print(json.dumps(result, indent=1))
+    versus = (
+        ""
+        if result["reported"] is None
+        else f" (autolora train reported {result['reported']:.6f}, |diff| {result['abs_diff']:.2e})"
+    )
+    print(f"dev {result['metric']} through the PEFT adapter {result['adapter']}: {result['dev']:.6f}{versus}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             except AutoLoRAError as e:
                 raise type(e)(_flag_words(str(e))) from None
             print(f"exported to {out}")
+        elif args.command == "evaluate":
+            _evaluate(args)
         elif args.command == "generate":
             _generate(args)
         else:

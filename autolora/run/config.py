@@ -20,7 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from autolora.config import AdapterConfig, LoggingConfig, SearchConfig, split_kwargs
-from autolora.errors import ConfigError
+from autolora.errors import ConfigError, DataError
 from autolora.run.sections import (  # noqa: F401  (the sections are part of this module's interface)
     SECTIONS,
     TOP_LEVEL,
@@ -189,6 +189,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         raise ConfigError(f"{path}: a run config must be a mapping of sections, got {type(raw).__name__}.")
     raw = _merge(raw, parse_overrides(overrides or []))
     return build_config(raw), raw
+
+
+def saved_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config an ``autolora train`` run saved in its folder.
+
+    Raises:
+        DataError: if ``run_dir`` holds no ``config.yaml``.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise DataError(f"{run_dir} holds no config.yaml; give the output_dir of an `autolora train` run.")
+    return build_config(read_yaml(saved))
 
 
 def to_dict(config: RunConfig) -> dict:

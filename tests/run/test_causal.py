@@ -2,6 +2,7 @@
 reproduced by the exported adapter under stock PEFT, ``autolora generate`` and ``export``."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from autolora import ConfigError, DataError
 from autolora.run import causal, lm
 from autolora.run.cli import main
 from autolora.run.config import build_config, load_config
+from autolora.run.evaluate import evaluate_run
 from experiments.tiny_lm import make_tiny_lm
 from tests.conftest import load_peft
 
@@ -41,6 +43,23 @@ def _rows(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
     return tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+
+
+def _zeroed_copy(adapter: Path, out: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in state.items()}, weights)
+
+
+def test_evaluate_names_what_is_missing(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "holds no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "data": {"task": "MRPC"}}))
+    assert main(["evaluate", str(tmp_path), "--adapter", str(tmp_path / "nope")]) == 2
+    assert "holds no exported adapter" in capsys.readouterr().err
 
 
 def test_tiny_lm_config_is_valid():
@@ -86,6 +105,19 @@ def test_cli_train_reload_generate_export(tmp_path, tiny_lm, capsys):
     base = lm.dev_loss(AutoModelForCausalLM.from_pretrained(tiny_lm).eval(), lm.make_lm_batches(dev, 3, lm.pad_id(tok)))
     assert metrics["baseline"]["dev"] == pytest.approx(base["dev_loss"], rel=1e-5)
     assert "base model without the adapter" in (run / "report.md").read_text()
+
+    # `autolora evaluate` does the same check for a user: the dev loss through stock PEFT
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.rindex("}") + 1])
+    assert result["metric"] == "dev_loss" and result["reported"] == metrics["dev_loss"]
+    assert result["dev"] == pytest.approx(metrics["dev_loss"], rel=1e-5) and result["abs_diff"] < 1e-4
+    assert "autolora train reported" in out
+    # ... and it would see a broken export: an adapter with B zeroed scores the base model
+    _zeroed_copy(run / "adapter", tmp_path / "zeroed")
+    broken = evaluate_run(run, tmp_path / "zeroed")
+    assert broken["dev"] == pytest.approx(metrics["baseline"]["dev"], rel=1e-5) and broken["abs_diff"] > 1e-3
 
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "name[Alimentum]", "--max-new-tokens", "5"]) == 0

@@ -37,6 +37,11 @@ def test_train_export_report_end_to_end(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(path)
     dev = text.make_batches(tok, glue.load_glue("MRPC", "dev", GLUE), 16, 48)
     assert text.evaluate(model, dev, "accuracy") == pytest.approx(metrics["dev"], abs=1e-6)
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0  # the same check, as a user runs it
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.rindex("}") + 1])
+    assert result["metric"] == "accuracy" and result["dev"] == pytest.approx(metrics["dev"], abs=1e-6)
 
     # re-export the search checkpoint at another budget; report again
     assert main(["export", str(run), "--target-rank", "1", "--out", str(tmp_path / "r1")]) == 0

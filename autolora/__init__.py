@@ -22,8 +22,13 @@ from autolora.layers import GatedLoRALinear
 from autolora.logging import JsonlLogger, Logger, NullLogger, TensorBoardLogger
 from autolora.plan.export import peft_config
 from autolora.plan.prune import PrunePlan
+from autolora.run.causal import load_run_split
+from autolora.run.config import load_run_config
+from autolora.run.evaluate import evaluate_run, load_adapted
 from autolora.run.glue import TASKS as GLUE_TASKS
 from autolora.run.glue import load_glue
+from autolora.run.lm import LMData, dev_loss, generate_batch, load_lm_file, make_lm_batches, pad_id
+from autolora.run.models import ModelSource, load_model, load_tokenizer, resolve_source
 from autolora.run.report import write_report
 from autolora.run.text import Examples, evaluate, make_batches
 from autolora.search.bilevel import default_loss
@@ -46,8 +51,10 @@ __all__ = [
     "ExportError",
     "GatedLoRALinear",
     "JsonlLogger",
+    "LMData",
     "Logger",
     "LoggingConfig",
+    "ModelSource",
     "NonFiniteError",
     "NullLogger",
     "PrunePlan",
@@ -60,11 +67,23 @@ __all__ = [
     "WriteError",
     "__version__",
     "default_loss",
+    "dev_loss",
     "evaluate",
+    "evaluate_run",
+    "generate_batch",
     "linear_warmup",
+    "load_adapted",
     "load_glue",
+    "load_lm_file",
+    "load_model",
+    "load_run_config",
+    "load_run_split",
+    "load_tokenizer",
     "make_batches",
+    "make_lm_batches",
+    "pad_id",
     "peft_config",
+    "resolve_source",
     "to_device",
     "write_report",
 ]

@@ -37,9 +37,19 @@ from pathlib import Path
 
 import torch
 
-from autolora import AutoLoRATrainer, default_loss, to_device
-from autolora.run import lm
-from autolora.run.models import load_model, load_tokenizer, resolve_source
+from autolora import (
+    AutoLoRATrainer,
+    default_loss,
+    dev_loss,
+    generate_batch,
+    load_lm_file,
+    load_model,
+    load_tokenizer,
+    make_lm_batches,
+    pad_id,
+    resolve_source,
+    to_device,
+)
 from experiments import glue_bench
 from experiments.glue_methods import check_built, lora_plan_config, permuted_ranks, shuffle_seed
 
@@ -147,12 +157,10 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
     glue_bench.synchronize(device)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scores = lm.dev_loss(model, dev_batches)
+    scores = dev_loss(model, dev_batches)
     mrs = list(refs)
     prompts = [args.template.format(prompt=m) for m in mrs]
-    hyps = [
-        t.strip() for t in lm.generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.decode_batch_size)
-    ]
+    hyps = [t.strip() for t in generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.decode_batch_size)]
     return {
         "method": method,
         "seed": seed,
@@ -195,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("shuffled permutes AutoLoRA's ranks: include autolora (it runs first), or give --ranks-dir")
     tokenizer = load_tokenizer(resolve_source(args.model))
     kw = {"prompt_column": "mr", "completion_column": "ref", "prompt_template": args.template}
-    train = lm.load_lm_file(args.data / "trainset.csv", tokenizer, args.max_length, limit=args.limit, **kw)
+    train = load_lm_file(args.data / "trainset.csv", tokenizer, args.max_length, limit=args.limit, **kw)
     refs = references(args.data / "devset.csv", args.dev_limit)
-    dev = lm.load_lm_file(args.data / "devset.csv", tokenizer, args.max_length, **kw)
+    dev = load_lm_file(args.data / "devset.csv", tokenizer, args.max_length, **kw)
     dev = dev.subset([i for i, r in enumerate(dev.rows) if r["mr"] in refs])
-    pad = lm.pad_id(tokenizer)
-    train_batches = lm.make_lm_batches(train, args.batch_size, pad, shuffle=True, seed=0, group_by_length=True)
-    dev_batches = lm.make_lm_batches(dev, args.batch_size, pad, group_by_length=True)
+    pad = pad_id(tokenizer)
+    train_batches = make_lm_batches(train, args.batch_size, pad, shuffle=True, seed=0, group_by_length=True)
+    dev_batches = make_lm_batches(dev, args.batch_size, pad, group_by_length=True)
     order = sorted(args.methods, key=lambda m: m == "shuffled")  # autolora before its control
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:

@@ -19,9 +19,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from autolora.run import causal, lm
-from autolora.run.config import saved_config
-from autolora.run.evaluate import load_adapted
+from autolora import generate_batch, load_adapted, load_run_config, load_run_split
 
 _ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
@@ -50,16 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSONL file; one row is appended")
     args = ap.parse_args(argv)
 
-    cfg = saved_config(args.run_dir)
+    cfg = load_run_config(args.run_dir)
     model, tokenizer = load_adapted(args.run_dir)
-    dev = causal.load_split(cfg, tokenizer, "dev")
+    dev = load_run_split(cfg, tokenizer, "dev")
     prompts = [cfg.data.prompt_template.format(prompt=row[cfg.data.prompt_column]) for row in dev.rows]
     golds = [str(row[cfg.data.completion_column]) for row in dev.rows]
     row = {"run_dir": str(args.run_dir), "dev_rows": len(prompts), "max_new_tokens": args.max_new_tokens}
     for name in ("adapter",) if args.no_base else ("adapter", "base"):
         start = time.perf_counter()
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            preds = lm.generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+            preds = generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         row[f"{name}_exact_match"] = exact_match(preds, golds)
         row[f"{name}_answered"] = sum(final_answer(p) is not None for p in preds) / len(preds)
         row[f"{name}_decode_s"] = round(time.perf_counter() - start, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from autolora.errors import DataError
 from autolora.run import lm
-from autolora.run.config import RunConfig, saved_config, to_dict
+from autolora.run.config import RunConfig, load_run_config, to_dict
 from autolora.run.models import ModelSource, load_model, load_tokenizer, resolve_source
 from autolora.trainer import AutoLoRATrainer
 
@@ -24,7 +24,7 @@ def source(cfg: RunConfig) -> ModelSource:
     return resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
 
 
-def load_split(cfg: RunConfig, tokenizer, split: str) -> lm.LMData:
+def load_run_split(cfg: RunConfig, tokenizer, split: str) -> lm.LMData:
     """The ``train`` or ``dev`` file tokenised: a seeded subset of ``limit`` / ``dev_limit`` rows
     when given; says on stderr how many rows were cut to ``model.max_length``."""
     d = cfg.data
@@ -52,8 +52,8 @@ def load_split(cfg: RunConfig, tokenizer, split: str) -> lm.LMData:
 
 
 def load_data(cfg: RunConfig, tokenizer) -> tuple[lm.LMData, lm.LMData]:
-    """(train, dev) tokenised, see :func:`load_split`."""
-    return load_split(cfg, tokenizer, "train"), load_split(cfg, tokenizer, "dev")
+    """(train, dev) tokenised, see :func:`load_run_split`."""
+    return load_run_split(cfg, tokenizer, "train"), load_run_split(cfg, tokenizer, "dev")
 
 
 def build(cfg: RunConfig, run_dir: Path, tokenizer=None):
@@ -130,7 +130,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, raw: bo
     run's ``data.prompt_template`` unless ``raw``."""
     from autolora.run.evaluate import load_adapted
 
-    cfg = saved_config(run_dir)
+    cfg = load_run_config(run_dir)
     if cfg.model.task != "causal_lm":
         raise DataError(f"{run_dir} is a {cfg.model.task} run; `autolora generate` needs model.task=causal_lm.")
     model, tokenizer = load_adapted(run_dir)

@@ -191,7 +191,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return build_config(raw), raw
 
 
-def saved_config(run_dir: str | Path) -> RunConfig:
+def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config an ``autolora train`` run saved in its folder.
 
     Raises:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autolora.errors import DataError
 from autolora.run import causal, lm, pipeline, text
-from autolora.run.config import saved_config
+from autolora.run.config import load_run_config
 from autolora.run.models import load_model, load_tokenizer, resolve_source
 from autolora.run.pipeline import ADAPTER, pick_device
 
@@ -30,7 +30,7 @@ def load_adapted(run_dir: str | Path, adapter: str | Path | None = None, num_lab
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    cfg = saved_config(run_dir)
+    cfg = load_run_config(run_dir)
     adapter = Path(adapter) if adapter is not None else run_dir / ADAPTER
     _check_adapter(adapter)
     src = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
@@ -44,12 +44,12 @@ def evaluate_run(run_dir: str | Path, adapter: str | Path | None = None) -> dict
     through the exported adapter, and the one in its ``metrics.json`` (``None`` if the run has
     none yet, e.g. an interrupted run scored through ``autolora export``'s adapter)."""
     run_dir = Path(run_dir)
-    cfg = saved_config(run_dir)
+    cfg = load_run_config(run_dir)
     adapter = Path(adapter) if adapter is not None else run_dir / ADAPTER
     _check_adapter(adapter)  # before the data, which may be slow to load
     if cfg.model.task == "causal_lm":
         model, tokenizer = load_adapted(run_dir, adapter)
-        dev = causal.load_split(cfg, tokenizer, "dev")
+        dev = causal.load_run_split(cfg, tokenizer, "dev")
         metric = "dev_loss"
         value = lm.dev_loss(model, causal.batches(cfg, dev, tokenizer, shuffle=False))["dev_loss"]
     else:

@@ -21,7 +21,7 @@ from autolora.errors import ConfigError
 from autolora.plan.atomic import atomic_file
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
-from autolora.run.config import RunConfig, read_yaml, saved_config, to_dict
+from autolora.run.config import RunConfig, load_run_config, read_yaml, to_dict
 from autolora.run.models import load_model, load_tokenizer, resolve_source
 from autolora.run.text import Examples, baseline, degenerate, load_hub, make_batches, predict, read_table, score
 from autolora.trainer import AutoLoRATrainer
@@ -258,7 +258,7 @@ def export(
     finished search can be cut to another budget, and an interrupted one exported as it stands.
     The export is of the search's adapters (no retraining).
     """
-    cfg = saved_config(run_dir)
+    cfg = load_run_config(run_dir)
     out = out or run_dir / ("merged" if merged else "adapter-from-checkpoint")
     check_target_dir(Path(out), overwrite)  # fail before the slow part
     if cfg.model.task == "causal_lm":

@@ -138,9 +138,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     ]
     if "loss/val" in run["last"]:
         lines.append(f"- last validation loss: {run['last']['loss/val']:.4f}")
-    if "dev/loss" in run["last"]:  # causal-LM runs: NLL per completion token on the dev file
+    scores = _score_lines(run_dir)
+    if not scores and "dev/loss" in run["last"]:  # a causal-LM run without its metrics.json: the logged loss
         lines.append(f"- dev loss: {run['last']['dev/loss']:.4f} (perplexity {run['last']['dev/perplexity']:.2f})")
-    lines += _score_lines(run_dir)
+    lines += scores
     if run["warning"]:
         lines += ["", f"**Warning:** {run['warning']}"]
     lines += ["", "## Ranks (layer x module type)", "", figures.rank_table(ranks), ""]
@@ -168,7 +169,11 @@ def _score_lines(run_dir: Path) -> list[str]:
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         base = metrics["baseline"]
-        lines = [f"- dev {metrics['metric']}: {metrics['dev']:.4f} ({base['name']}: {base['dev']:.4f})"]
+        if metrics["metric"] == "dev_loss":  # causal LM: NLL per completion token on the dev file
+            score = f"- dev loss: {metrics['dev']:.4f} (perplexity {metrics['perplexity']:.2f}; "
+        else:
+            score = f"- dev {metrics['metric']}: {metrics['dev']:.4f} ("
+        lines = [score + f"{base['name']}: {base['dev']:.4f})"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return lines + [f"- **warning:** {w}" for w in metrics.get("warnings", [])]

@@ -87,7 +87,9 @@ def test_cli_train_reload_generate_export(tmp_path, tiny_lm, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["metric"] == "dev_loss" and metrics["dev_examples"] == 16 and metrics["train_examples"] == 32
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["dev_loss"], rel=1e-6)
-    assert "- dev loss:" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    score = f"- dev loss: {metrics['dev_loss']:.4f} (perplexity {metrics['perplexity']:.2f}; base model without"
+    assert score in report and report.count("dev loss") == 1  # one line, with the baseline
     assert list((run / "logs").glob("events.out.tfevents.*"))
     logged = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("dev/loss" in str(r) for r in logged)
@@ -173,5 +175,5 @@ def test_shipped_llm_configs_read_every_row_they_train_on(config):
         pytest.skip(f"needs {cfg.data.train_file}")
     tokenizer = load_tokenizer(causal.source(cfg))
     for split in ("train", "dev"):
-        data = causal.load_split(cfg, tokenizer, split)
+        data = causal.load_run_split(cfg, tokenizer, split)
         assert len(data) > 0 and data.truncated == 0, split

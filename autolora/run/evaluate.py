@@ -21,8 +21,9 @@ def _check_adapter(adapter: Path) -> None:
         raise DataError(f"{adapter} holds no exported adapter (adapter_config.json); run `autolora train` first.")
 
 
-def load_adapted(run_dir: str | Path, adapter: str | Path | None = None, num_labels: int = 2):
+def load_adapted(run_dir: str | Path, adapter: str | Path | None = None, num_labels: int | None = None):
     """(PEFT model, tokenizer): the run's base model with its exported adapter, via stock PEFT.
+    ``num_labels`` (classification runs): read from the run's data when not given.
 
     Raises:
         DataError: if the run folder has no config or no exported adapter.
@@ -33,9 +34,11 @@ def load_adapted(run_dir: str | Path, adapter: str | Path | None = None, num_lab
     cfg = load_run_config(run_dir)
     adapter = Path(adapter) if adapter is not None else run_dir / ADAPTER
     _check_adapter(adapter)
+    if num_labels is None and cfg.model.task != "causal_lm":
+        num_labels = pipeline.load_examples(cfg)[2]
     src = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
     tokenizer = load_tokenizer(src)
-    base = load_model(src, cfg.model.task, num_labels).to(pick_device(cfg.model.device))
+    base = load_model(src, cfg.model.task, num_labels or 2).to(pick_device(cfg.model.device))
     return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
 
 

@@ -117,7 +117,11 @@ def load_model(source: ModelSource, task: str, num_labels: int = 2) -> torch.nn.
     if task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels, **kwargs)
+        # a checkpoint whose head has another number of labels (a fine-tuned classifier) gets a new
+        # head of the data's size, as the data decides; transformers warns that it was re-initialised
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.path, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
+        )
     if source.hub_name is not None:
         model.config._name_or_path = source.hub_name
     return model

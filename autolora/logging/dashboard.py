@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from autolora.config import LoggingConfig
 from autolora.logging import make_logger
@@ -180,6 +180,16 @@ def progress_bar(enabled: bool, total: int | None, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step")
+
+
+def progress_iter(items: Sequence, desc: str, enabled: bool = True) -> Iterable:
+    """``items`` through a tqdm bar (one tick per batch, cleared when done) when ``enabled`` and
+    stderr is a terminal, else ``items`` as they are: evaluation and generation loops."""
+    if not (enabled and sys.stderr.isatty()):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", leave=False)
 
 
 def postfix(metrics: Mapping[str, float]) -> dict[str, str]:

@@ -95,10 +95,11 @@ def train(cfg: RunConfig) -> dict:
     model, tokenizer, trainer = build(cfg, run_dir, tokenizer)
     train_batches = batches(cfg, train_data, tokenizer, shuffle=True)
     dev_batches = batches(cfg, dev_data, tokenizer, shuffle=False)
-    base_loss = lm.dev_loss(model, dev_batches)["dev_loss"]  # fresh adapters have B = 0: the base model
+    progress = cfg.logging.progress
+    base_loss = lm.dev_loss(model, dev_batches, progress)["dev_loss"]  # fresh adapters have B = 0: the base model
     ranks, search_s, retrain_s = search_and_retrain(cfg, trainer, train_batches, run_dir)
     retrain_steps = len(train_batches) * cfg.retrain.epochs if cfg.retrain.enabled else 0  # an upper bound
-    scores = lm.dev_loss(model, dev_batches)
+    scores = lm.dev_loss(model, dev_batches, progress)
     trainer._get_logger().log_dict(
         {"dev/loss": scores["dev_loss"], "dev/perplexity": scores["perplexity"]}, trainer.state.step + retrain_steps
     )

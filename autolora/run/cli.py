@@ -82,7 +82,8 @@ def _evaluate(args) -> None:
         if result["reported"] is None
         else f" (autolora train reported {result['reported']:.6f}, |diff| {result['abs_diff']:.2e})"
     )
-    print(f"dev {result['metric']} through the PEFT adapter {result['adapter']}: {result['dev']:.6f}{versus}")
+    name = "loss" if result["metric"] == "dev_loss" else result["metric"]
+    print(f"dev {name} through the PEFT adapter {result['adapter']}: {result['dev']:.6f}{versus}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folder: {cfg.output_dir} (report: {report})")
             base = metrics.get("baseline")  # classification / regression runs carry one
             versus = f" ({base['name']}: {base['dev']:.4f})" if base else ""
-            print(f"dev {metrics['metric']}: {metrics['dev']:.4f}{versus}")
+            name = "loss" if metrics["metric"] == "dev_loss" else metrics["metric"]
+            print(f"dev {name}: {metrics['dev']:.4f}{versus}")
             for warning in metrics.get("warnings", []):
                 print(f"autolora train: warning: {warning}", file=sys.stderr)
         elif args.command == "export":

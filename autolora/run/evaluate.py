@@ -54,12 +54,13 @@ def evaluate_run(run_dir: str | Path, adapter: str | Path | None = None) -> dict
         model, tokenizer = load_adapted(run_dir, adapter)
         dev = causal.load_run_split(cfg, tokenizer, "dev")
         metric = "dev_loss"
-        value = lm.dev_loss(model, causal.batches(cfg, dev, tokenizer, shuffle=False))["dev_loss"]
+        dev_batches = causal.batches(cfg, dev, tokenizer, shuffle=False)
+        value = lm.dev_loss(model, dev_batches, cfg.logging.progress)["dev_loss"]
     else:
         _, dev, num_labels, metric = pipeline.load_examples(cfg)
         model, tokenizer = load_adapted(run_dir, adapter, num_labels)
         dev_batches = pipeline.batches(tokenizer, cfg, dev, shuffle=False, regression=metric == "pearson")
-        value = text.evaluate(model, dev_batches, metric)
+        value = text.evaluate(model, dev_batches, metric, cfg.logging.progress)
     saved = run_dir / "metrics.json"
     reported = json.loads(saved.read_text()).get("dev") if saved.is_file() else None
     return {

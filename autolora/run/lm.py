@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from autolora.errors import DataError
+from autolora.logging.dashboard import progress_iter
 from autolora.run.text import json_records
 
 IGNORE = -100  # the label HF losses skip
@@ -265,8 +266,9 @@ def pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer))
 
 
-def dev_loss(model, batches) -> dict[str, float]:
-    """Token-weighted mean NLL over the labelled tokens of ``batches`` (eval mode, no grad).
+def dev_loss(model, batches, progress: bool = True) -> dict[str, float]:
+    """Token-weighted mean NLL over the labelled tokens of ``batches`` (eval mode, no grad); a
+    progress bar on a terminal unless ``progress=False``.
 
     Returns:
         ``{"dev_loss": nats per token, "perplexity": exp of it, "dev_tokens": count}``.
@@ -276,7 +278,7 @@ def dev_loss(model, batches) -> dict[str, float]:
     total, count = 0.0, 0
     device = next(model.parameters()).device
     with torch.no_grad():
-        for batch in batches:
+        for batch in progress_iter(batches, "dev loss", progress):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             logits = logits.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
             target = batch["labels"][:, 1:].to(device)
@@ -292,19 +294,22 @@ def dev_loss(model, batches) -> dict[str, float]:
     return {"dev_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "dev_tokens": count}
 
 
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+def generate_batch(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True
+) -> list[str]:
     """Greedy continuations of ``prompts`` (the new text only), batched with left padding, each
     ending at the tokenizer's eos: the token the training rows end with, which a model's
     ``generation_config`` may not name (a GGUF-loaded SmolLM2 lists ``<|endoftext|>``, its rows
     end with ``<|im_end|>``). The model's train/eval mode and the tokenizer's padding side are
-    restored."""
+    restored. A progress bar on a terminal for more than one batch unless ``progress=False``."""
     device, out = next(model.parameters()).device, []
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
         with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
+            starts = range(0, len(prompts), batch_size)
+            for start in progress_iter(starts, "generating", progress and len(starts) > 1):
                 chunk = prompts[start : start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1).to(device)
                 gen = model.generate(

@@ -163,7 +163,7 @@ def train(cfg: RunConfig) -> dict:
     ranks, search_s, retrain_s = search_and_retrain(cfg, trainer, train_batches, run_dir)
     trainer.close()
     trainer.export(run_dir / ADAPTER, overwrite=True)  # a rerun of the same config replaces its export
-    preds, golds = predict(model, dev_batches, metric)
+    preds, golds = predict(model, dev_batches, metric, cfg.logging.progress)
     dev_score, base = score(preds, golds, metric), baseline(train_ex.labels, dev_ex.labels, metric)
     metrics = {
         "metric": metric,

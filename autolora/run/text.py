@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from autolora.errors import DataError
+from autolora.logging.dashboard import progress_iter
 
 
 @dataclass(frozen=True)
@@ -196,14 +197,14 @@ def make_batches(
     return batches
 
 
-def predict(model, batches, metric: str = "accuracy") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model, batches, metric: str = "accuracy", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions, gold labels) of ``model`` (in eval mode, no grad) over ``batches``: class
-    indices, or scores for ``"pearson"``."""
+    indices, or scores for ``"pearson"``; a progress bar on a terminal unless ``progress=False``."""
     was_training = model.training
     model.eval()
     preds, golds = [], []
     with torch.no_grad():
-        for batch in batches:
+        for batch in progress_iter(batches, "dev eval", progress):
             device = next(model.parameters()).device
             logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
             preds.append(logits.squeeze(-1) if metric == "pearson" else logits.argmax(-1))
@@ -224,9 +225,9 @@ def score(p: torch.Tensor, g: torch.Tensor, metric: str = "accuracy") -> float:
     return float((p == g).float().mean())
 
 
-def evaluate(model, batches, metric: str = "accuracy") -> float:
+def evaluate(model, batches, metric: str = "accuracy", progress: bool = True) -> float:
     """The task metric of ``model`` (in eval mode, no grad) over ``batches``."""
-    return score(*predict(model, batches, metric), metric)
+    return score(*predict(model, batches, metric, progress), metric)
 
 
 def baseline(train_labels: Sequence, dev_labels: Sequence, metric: str) -> dict:

@@ -85,3 +85,18 @@ def test_no_progress_bar_off_a_terminal(enabled):
     from autolora.logging.dashboard import progress_bar
 
     assert progress_bar(enabled, 10, "x") is None  # pytest captures stderr: not a terminal
+
+
+def test_evaluation_loops_get_a_bar_on_a_terminal_only(monkeypatch):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from autolora.logging.dashboard import progress_iter
+
+    items = [1, 2, 3]
+    assert progress_iter(items, "x") is items  # captured stderr: not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = progress_iter(items, "dev loss")
+    assert isinstance(bar, tqdm) and list(bar) == items and bar.total == 3
+    assert progress_iter(items, "x", enabled=False) is items

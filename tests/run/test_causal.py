@@ -117,7 +117,7 @@ def test_cli_train_reload_generate_export(tmp_path, tiny_lm, capsys):
     result = json.loads(out[: out.rindex("}") + 1])
     assert result["metric"] == "dev_loss" and result["reported"] == metrics["dev_loss"]
     assert result["dev"] == pytest.approx(metrics["dev_loss"], rel=1e-5) and result["abs_diff"] < 1e-4
-    assert "autolora train reported" in out
+    assert f"dev loss through the PEFT adapter {run / 'adapter'}: " in out and "autolora train reported" in out
     # ... and it would see a broken export: an adapter with B zeroed scores the base model
     _zeroed_copy(run / "adapter", tmp_path / "zeroed")
     broken = evaluate_run(run, tmp_path / "zeroed")

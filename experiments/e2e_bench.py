@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from autolora import (
     resolve_source,
     to_device,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, for `experiments`
 from experiments import glue_bench
 from experiments.glue_methods import check_built, lora_plan_config, permuted_ranks, shuffle_seed
 

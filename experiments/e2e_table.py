@@ -11,8 +11,11 @@ A later row for the same (method, seed) replaces an earlier one.
 from __future__ import annotations
 
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: the repo root, for `experiments`
 from experiments.e2e_bench import KINDS, METHODS
 from experiments.glue_table import Row, seed_agreement, table_cli
 

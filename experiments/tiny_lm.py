@@ -9,7 +9,7 @@ tokenises, so it runs on the real E2E and GSM8K files; it learns nothing useful.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -72,4 +72,6 @@ def make_tiny_lm(folder: str | Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    print(make_tiny_lm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-llama"))
+    ap = argparse.ArgumentParser(description="Save a tiny random Llama and its byte-level tokenizer.")
+    ap.add_argument("folder", nargs="?", default="runs/tiny-llama")
+    print(make_tiny_lm(ap.parse_args().folder))

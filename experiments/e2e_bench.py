@@ -147,6 +147,8 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
         t.fit(train_batches, epochs=1)
         glue_bench.synchronize(device)
         extra["search_seconds"] = round(time.perf_counter() - t0, 1)
+        # a run killed at a device limit still says how far it got
+        print(f"{method} seed {seed}: search done, {t.state.step} steps, {extra['search_seconds']} s", file=sys.stderr, flush=True)
         ranks = t.prune(target_rank=4, min_rank=1)
         autolora_ranks.clear()
         autolora_ranks.update(ranks)
@@ -159,6 +161,7 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
         t.retrain(train_batches, epochs=args.epochs, lr=glue_bench.LR)
     glue_bench.synchronize(device)
     train_s = time.perf_counter() - t0
+    print(f"{method} seed {seed}: trained in {train_s:.1f} s; scoring dev", file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     scores = dev_loss(model, dev_batches)
     mrs = list(refs)

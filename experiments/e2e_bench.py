@@ -148,7 +148,11 @@ def run(method: str, seed: int, args, tokenizer, train_batches, dev_batches, ref
         glue_bench.synchronize(device)
         extra["search_seconds"] = round(time.perf_counter() - t0, 1)
         # a run killed at a device limit still says how far it got
-        print(f"{method} seed {seed}: search done, {t.state.step} steps, {extra['search_seconds']} s", file=sys.stderr, flush=True)
+        print(
+            f"{method} seed {seed}: search done, {t.state.step} steps, {extra['search_seconds']} s",
+            file=sys.stderr,
+            flush=True,
+        )
         ranks = t.prune(target_rank=4, min_rank=1)
         autolora_ranks.clear()
         autolora_ranks.update(ranks)

@@ -35,8 +35,8 @@ def final_answer(text: str) -> str | None:
 
 def exact_match(predictions: list[str], golds: list[str]) -> float:
     """The share of predictions whose final answer equals the gold's."""
-    hits = [final_answer(p) is not None and final_answer(p) == final_answer(g) for p, g in zip(predictions, golds)]
-    return sum(hits) / len(hits)
+    answers = [(final_answer(p), final_answer(g)) for p, g in zip(predictions, golds)]
+    return sum(a is not None and a == gold for a, gold in answers) / len(answers)
 
 
 def main(argv: list[str] | None = None) -> int:

